@@ -1,1 +1,359 @@
-"""TODO"""
+"""The token space, chunking, training sequences, the audio-code cache and the collator.
+
+A training sequence for one chunk of one difficulty:
+
+    [BOS] [AUDIO_START] c0_f0 c1_f0 c0_f1 c1_f1 … [AUDIO_END] [NOTES_START] tick type tick type … [EOS]
+
+Ticks are 48 per beat, counted from the chunk's first beat; a note type packs (x, y, color, direction).
+"""
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+import zipfile
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+# ---- token space ----
+
+PPQ = 48                    # ticks per beat
+N_LANES, N_LAYERS, N_COLORS, N_DIRECTIONS = 4, 3, 2, 10   # direction 9 is never written by the game; the slot stays
+N_CODEBOOKS, CODEBOOK_SIZE = 2, 1024                       # Encodec 24 kHz at 1.5 kbps
+TOKEN_SPACE_VERSION = 1
+
+# (name, size): contiguous ranges from id 0, in this order; offsets are derived below
+TOKEN_TABLE = [
+    ("tick", 12288),
+    ("note_type", N_LANES * N_LAYERS * N_COLORS * N_DIRECTIONS),   # 240
+    ("audio", N_CODEBOOKS * CODEBOOK_SIZE),                        # 2048
+    ("bos", 1),
+    ("eos", 1),
+    ("pad", 1),
+    ("audio_start", 1),
+    ("audio_end", 1),
+    ("notes_start", 1),
+]
+OFFSETS = {}
+SIZES = dict(TOKEN_TABLE)
+_next_id = 0
+for _name, _size in TOKEN_TABLE:
+    OFFSETS[_name] = _next_id
+    _next_id += _size
+VOCAB_USED = _next_id       # 14582 ids; the model keeps its own (larger) vocabulary
+
+TICK_OFFSET = OFFSETS["tick"]
+NOTE_TYPE_OFFSET = OFFSETS["note_type"]
+AUDIO_OFFSET = OFFSETS["audio"]
+BOS = OFFSETS["bos"]
+EOS = OFFSETS["eos"]
+PAD = OFFSETS["pad"]
+AUDIO_START = OFFSETS["audio_start"]
+AUDIO_END = OFFSETS["audio_end"]
+NOTES_START = OFFSETS["notes_start"]
+MAX_TICK = SIZES["tick"] - 1
+IGNORE_INDEX = -100
+
+
+def note_type(x, y, color, direction):
+    """(lane 0..3, layer 0..2, color 0..1, direction 0..9) → note type 0..239 = (y * 4 + x) * 20 + color * 10 + direction."""
+    for value, size, what in ((x, N_LANES, "x"), (y, N_LAYERS, "y"), (color, N_COLORS, "color"),
+                              (direction, N_DIRECTIONS, "direction")):
+        if not 0 <= value < size:
+            raise ValueError(f"note {what}={value} out of range 0..{size - 1}")
+    return ((y * N_LANES + x) * N_COLORS + color) * N_DIRECTIONS + direction
+
+
+def note_fields(type_):
+    """note type 0..239 → (x, y, color, direction)."""
+    if not 0 <= type_ < SIZES["note_type"]:
+        raise ValueError(f"note type {type_} out of range 0..{SIZES['note_type'] - 1}")
+    position, rest = divmod(type_, N_COLORS * N_DIRECTIONS)
+    color, direction = divmod(rest, N_DIRECTIONS)
+    y, x = divmod(position, N_LANES)
+    return x, y, color, direction
+
+
+def tick_token(tick):
+    if not 0 <= tick <= MAX_TICK:
+        raise ValueError(f"tick {tick} out of range 0..{MAX_TICK}")
+    return TICK_OFFSET + tick
+
+
+def note_type_token(type_):
+    if not 0 <= type_ < SIZES["note_type"]:
+        raise ValueError(f"note type {type_} out of range 0..{SIZES['note_type'] - 1}")
+    return NOTE_TYPE_OFFSET + type_
+
+
+def token_kind(token):
+    """Which TOKEN_TABLE range a token id falls in ("tick", "audio", "eos", ...)."""
+    for name, size in TOKEN_TABLE:
+        if OFFSETS[name] <= token < OFFSETS[name] + size:
+            return name
+    raise ValueError(f"token {token} is outside the token space 0..{VOCAB_USED - 1}")
+
+
+def in_range(tokens, name):
+    """Boolean mask (same shape as the tensor `tokens`) of ids inside TOKEN_TABLE range `name`."""
+    return (tokens >= OFFSETS[name]) & (tokens < OFFSETS[name] + SIZES[name])
+
+
+def audio_tokens(codes):
+    """codes = (frames, N_CODEBOOKS) ints 0..1023 → [c0_f0, c1_f0, c0_f1, c1_f1, ...] token ids."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.ndim != 2 or codes.shape[1] != N_CODEBOOKS:
+        raise ValueError(f"audio codes must be (frames, {N_CODEBOOKS}), got {codes.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() >= CODEBOOK_SIZE):
+        raise ValueError(f"audio codes must lie in 0..{CODEBOOK_SIZE - 1}")
+    return (AUDIO_OFFSET + codes + np.arange(N_CODEBOOKS) * CODEBOOK_SIZE).reshape(-1).tolist()
+
+
+def audio_codes(tokens):
+    """Inverse of audio_tokens: flat audio token ids → (frames, N_CODEBOOKS) int64 codes."""
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, N_CODEBOOKS)
+    codes = tokens - AUDIO_OFFSET - np.arange(N_CODEBOOKS) * CODEBOOK_SIZE
+    if tokens.size and (codes.min() < 0 or codes.max() >= CODEBOOK_SIZE):
+        raise ValueError("audio token of the wrong codebook or outside the audio range")
+    return codes
+
+
+def prompt_tokens(codes):
+    """codes = (frames, N_CODEBOOKS) → [BOS, AUDIO_START, audio…, AUDIO_END, NOTES_START]; what inference prefills."""
+    return [BOS, AUDIO_START, *audio_tokens(codes), AUDIO_END, NOTES_START]
+
+
+def note_tokens(notes):
+    """notes = [(tick, note_type), ...] → [tick, type, tick, type, ...] ids, sorted by (tick, type)."""
+    tokens = []
+    for tick, type_ in sorted(notes):
+        tokens += [tick_token(tick), note_type_token(type_)]
+    return tokens
+
+
+def create_training_sequence(codes, notes):
+    """codes = (frames, N_CODEBOOKS) ints; notes = [(tick, note_type), ...] → the full token list ending in EOS."""
+    return prompt_tokens(codes) + note_tokens(notes) + [EOS]
+
+
+def decode_note_tokens(tokens):
+    """Generated ids after NOTES_START → [(tick, note_type), ...]; stops at EOS/PAD; ValueError on a broken pair."""
+    notes = []
+    for i in range(0, len(tokens), 2):
+        if tokens[i] in (EOS, PAD):
+            break
+        if i + 1 >= len(tokens) or token_kind(tokens[i]) != "tick" or token_kind(tokens[i + 1]) != "note_type":
+            raise ValueError(f"tokens {list(tokens[i:i + 2])} at {i} are not a (tick, note type) pair")
+        notes.append((tokens[i] - TICK_OFFSET, tokens[i + 1] - NOTE_TYPE_OFFSET))
+    return notes
+
+
+def sequence_length(n_frames, n_notes):
+    """Tokens in a training sequence: 4 prompt specials + audio + 2 per note + EOS."""
+    return 5 + N_CODEBOOKS * n_frames + 2 * n_notes
+
+
+# ---- chunking ----
+
+def beats_per_chunk(bpm, chunk_duration_s):
+    """Whole beats per chunk: as many as fit in chunk_duration_s, at most what the tick range can address."""
+    n_beats = min(math.floor(chunk_duration_s * bpm / 60 + 1e-9), (MAX_TICK + 1) // PPQ)
+    if n_beats < 1:
+        raise ValueError(f"chunk of {chunk_duration_s} s is shorter than one beat at {bpm} BPM")
+    return n_beats
+
+
+def chunk_plan(duration_s, bpm, chunk_duration_s, frame_rate):
+    """Split a song into chunks that start and end on whole beats.
+
+    Returns [(start_beat, end_beat, start_frame, end_frame), ...] covering [0, duration_s): chunk k spans beats
+    [k·n, (k+1)·n) with n = beats_per_chunk, and the audio frames [floor(start_s·frame_rate), floor(end_s·frame_rate)).
+    """
+    n_beats = beats_per_chunk(bpm, chunk_duration_s)
+    n_chunks = max(1, math.ceil(duration_s * bpm / 60 / n_beats - 1e-9))
+    plan = []
+    for k in range(n_chunks):
+        start_beat, end_beat = k * n_beats, (k + 1) * n_beats
+        start_frame = math.floor(start_beat * 60 / bpm * frame_rate + 1e-9)
+        end_frame = math.floor(end_beat * 60 / bpm * frame_rate + 1e-9)
+        plan.append((start_beat, end_beat, start_frame, end_frame))
+    return plan
+
+
+def chunk_notes(ticks, types, start_beat, end_beat):
+    """ticks = (n,) int absolute ticks sorted, types = (n,) int note types → [(tick from chunk start, type), ...].
+
+    A note belongs to the chunk whose tick range holds its rounded tick, so every note lands in exactly one chunk.
+    """
+    lo, hi = np.searchsorted(ticks, [start_beat * PPQ, end_beat * PPQ])
+    return list(zip((ticks[lo:hi] - start_beat * PPQ).tolist(), types[lo:hi].tolist()))
+
+
+# ---- dataset with an audio-code cache ----
+
+CACHE_VERSION = 1
+
+
+class BeatDataset(torch.utils.data.Dataset):
+    """Training sequences, one per chunk of every (map, difficulty) item of a ZippedBeatSaberDataset.
+
+    Items are {"input_ids": [int, ...]}. Audio codes of a whole song are computed once (first encounter) and
+    stored in cache_dir; every later chunk, epoch and difficulty of the same song reads them from there.
+    A chunk longer than max_seq_length is skipped (counted in self.skipped) rather than truncated, because a cut
+    sequence would teach the model to stop early.
+    """
+
+    def __init__(self, base, chunk_duration=30.0, max_seq_length=32767, cache_dir=None, audio_tokenizer=None):
+        # base is a ZippedBeatSaberDataset: base[i] = MapItem(source, bpm, notes, read_audio(), ...)
+        self.base = base
+        self.chunk_duration = chunk_duration
+        self.max_seq_length = max_seq_length
+        if audio_tokenizer is None:
+            from audio import create_audio_tokenizer
+            audio_tokenizer = create_audio_tokenizer()
+        self.audio_tokenizer = audio_tokenizer
+        self.cache = CodeCache(cache_dir or default_cache_dir(), audio_tokenizer.identity)
+        self.skipped = Counter()
+        # songs = {source: (audio_sha1, duration_s)}, one entry per zip, shared by its difficulties
+        songs = {}
+        # notes[i] = (ticks (n,) int64 absolute, types (n,) int64); audio_sha1[i] = item i's song key
+        # chunks = [(item index, (start_beat, end_beat, start_frame, end_frame)), ...]
+        self.notes, self.audio_sha1, self.chunks = [], [], []
+        for i in tqdm(range(len(base)), desc="indexing maps", unit="map", disable=len(base) < 50):
+            item = base[i]
+            if item.source not in songs:
+                songs[item.source] = song_facts(item)
+            self.notes.append(note_arrays(item.notes))
+            self.audio_sha1.append(songs[item.source][0])
+            for chunk in chunk_plan(songs[item.source][1], item.bpm, chunk_duration, audio_tokenizer.frame_rate):
+                start_beat, end_beat, start_frame, end_frame = chunk
+                n_notes = len(chunk_notes(*self.notes[i], start_beat, end_beat))
+                if sequence_length(end_frame - start_frame, n_notes) > max_seq_length:
+                    self.skipped["chunk longer than max_seq_length"] += 1
+                    log.warning("%s %s beats %d-%d: %d notes exceed max_seq_length %d, chunk skipped",
+                                item.source, item.difficulty, start_beat, end_beat, n_notes, max_seq_length)
+                    continue
+                self.chunks.append((i, chunk))
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, index):
+        i, (start_beat, end_beat, start_frame, end_frame) = self.chunks[index]
+        # codes = (frames, N_CODEBOOKS) int16 for the whole song
+        codes = self.song_codes(i)
+        # notes = [(tick relative to start_beat, note_type), ...]
+        notes = chunk_notes(*self.notes[i], start_beat, end_beat)
+        return {"input_ids": create_training_sequence(codes[start_frame:end_frame], notes)}
+
+    def song_codes(self, i):
+        """(frames, N_CODEBOOKS) codes of item i's whole song: from the cache, or encoded and stored on first use."""
+        codes = self.cache.get(self.audio_sha1[i])
+        if codes is None:
+            item = self.base[i]
+            from audio import load_audio
+            audio = load_audio(item.read_audio(), self.audio_tokenizer.sample_rate, name=item.source)
+            codes = self.audio_tokenizer.encode(torch.from_numpy(audio)[None]).numpy()
+            self.cache.put(self.audio_sha1[i], codes)
+        return codes
+
+
+def song_facts(item):
+    """(sha1 of the song file's bytes, duration in seconds from its header) for a MapItem."""
+    from audio import audio_duration_s
+    audio_bytes = item.read_audio()
+    return hashlib.sha1(audio_bytes).hexdigest(), audio_duration_s(audio_bytes, name=item.source)
+
+
+def note_arrays(notes):
+    """notes = [Note(beat, x, y, color, direction), ...] → (ticks, types): (n,) int64 absolute ticks and note types, sorted."""
+    pairs = sorted((round(n.beat * PPQ), note_type(n.x, n.y, n.color, n.direction)) for n in notes)
+    arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return arr[:, 0].copy(), arr[:, 1].copy()
+
+
+def default_cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "beatgen" / "audio_codes"
+
+
+class CodeCache:
+    """Full-song audio codes on disk, one .npz per (song bytes, audio tokenizer, CACHE_VERSION).
+
+    Each file holds `codes` (frames, N_CODEBOOKS) int16 and `sha1` of those bytes; a file that fails to load or
+    whose checksum differs is treated as missing and rebuilt. Writes go to a temp file in the same folder and are
+    renamed into place, so readers in other workers or processes never see half a file.
+    """
+
+    def __init__(self, directory, tokenizer_identity, memory_items=32):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer_identity = tokenizer_identity
+        self.memory = OrderedDict()     # audio_sha1 → codes, the most recently used songs
+        self.memory_items = memory_items
+
+    def path(self, audio_sha1):
+        key = hashlib.sha1(f"{audio_sha1}|{self.tokenizer_identity}|v{CACHE_VERSION}".encode()).hexdigest()
+        return self.directory / f"{key}.npz"
+
+    def get(self, audio_sha1):
+        """Cached codes or None (absent or corrupt)."""
+        if audio_sha1 in self.memory:
+            self.memory.move_to_end(audio_sha1)
+            return self.memory[audio_sha1]
+        path = self.path(audio_sha1)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as entry:
+                codes, checksum = entry["codes"], str(entry["sha1"])
+            if codes.ndim != 2 or hashlib.sha1(codes.tobytes()).hexdigest() != checksum:
+                raise ValueError("checksum or shape mismatch")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            log.warning("cache entry %s is corrupt (%s); rebuilding", path, e)
+            return None
+        self._remember(audio_sha1, codes)
+        return codes
+
+    def put(self, audio_sha1, codes):
+        codes = np.ascontiguousarray(codes, dtype=np.int16)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, codes=codes, sha1=hashlib.sha1(codes.tobytes()).hexdigest())
+            os.replace(tmp, self.path(audio_sha1))
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        self._remember(audio_sha1, codes)
+
+    def _remember(self, audio_sha1, codes):
+        self.memory[audio_sha1] = codes
+        while len(self.memory) > self.memory_items:
+            self.memory.popitem(last=False)
+
+
+# ---- collator ----
+
+def audio_masking_collator(batch):
+    """batch = [{"input_ids": [int, ...]}, ...] → input_ids, attention_mask, labels as (B, T) int64 tensors.
+
+    Right-padded with PAD. labels keep only note tokens (ticks, note types) and EOS; audio, BOS, AUDIO_START,
+    AUDIO_END, NOTES_START and PAD are IGNORE_INDEX (-100), so the model learns notes given audio.
+    """
+    max_len = max(len(example["input_ids"]) for example in batch)
+    input_ids = torch.full((len(batch), max_len), PAD, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), max_len), dtype=torch.long)
+    for row, example in enumerate(batch):
+        ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
+        input_ids[row, :len(ids)] = ids
+        attention_mask[row, :len(ids)] = 1
+    trained = in_range(input_ids, "tick") | in_range(input_ids, "note_type") | (input_ids == EOS)
+    labels = torch.where(trained & (attention_mask == 1), input_ids, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
