@@ -709,10 +709,10 @@ def _difficulty_problem(difficulty):
     for requirement in UNSUPPORTED_REQUIREMENTS:
         if requirement in difficulty.requirements:
             return f"requires {requirement}"
-    if not difficulty.notes:
-        return "no notes"
     if difficulty.dropped:
         return "dropped notes"
+    if not difficulty.notes:
+        return "no notes"
     return None
 
 
