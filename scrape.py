@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -331,6 +332,14 @@ def parse_instant(text):
     return t.replace(tzinfo=timezone.utc)
 
 
+def uploaded_at(doc):
+    """A raw MapDetail's upload instant as a datetime; None when missing or malformed."""
+    try:
+        return parse_instant(doc["uploaded"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 # ---- download ----
 
 class Downloader:
@@ -350,7 +359,6 @@ class Downloader:
         self.session = PoliteSession(user_agent, args.request_interval_s, args.timeout_s, args.retries, args.backoff_s)
         # counts = {outcome or fault: maps/events}; see run()
         self.counts = Counter()
-        self.since = parse_instant(args.since) if args.since else None
 
     def done(self):
         return bool(self.args.count) and self.n_accepted >= self.args.count
@@ -408,11 +416,11 @@ class Downloader:
             if not page:
                 return
             for doc in page:
-                uploaded = doc.get("uploaded") if isinstance(doc, dict) else None
-                if self.since and uploaded and parse_instant(uploaded) < self.since:
+                uploaded = uploaded_at(doc)
+                if self.args.since and uploaded and uploaded < self.args.since:
                     return
                 yield doc
-            cursor = next((d["uploaded"] for d in reversed(page) if isinstance(d, dict) and d.get("uploaded")), None)
+            cursor = next((d["uploaded"] for d in reversed(page) if uploaded_at(d)), None)
             if cursor is None or cursor == before:
                 return
             before = cursor
@@ -425,7 +433,7 @@ class Downloader:
             if before:
                 params["before"] = before
             if a.since:
-                params["after"] = parse_instant(a.since).isoformat()
+                params["after"] = a.since.isoformat()
             return f"{a.api_url}/maps/latest", params
         # search pre-filters on the server with the criteria it shares with record_reason; the record decides
         params = {"order": "Latest", "pageSize": a.page_size}
@@ -438,15 +446,15 @@ class Downloader:
         if c.min_duration_s > 0:
             params["minDuration"] = int(c.min_duration_s)
         if c.max_duration_s > 0:
-            params["maxDuration"] = int(c.max_duration_s + 1)
+            params["maxDuration"] = math.ceil(c.max_duration_s)
         if before:
             params["to"] = before
         if a.since:
-            params["from"] = parse_instant(a.since).isoformat()
+            params["from"] = a.since.isoformat()
         return f"{a.api_url}/search/text/0", params
 
     def take(self, doc, final_attempt):
-        """Store one map if it is new and passes; returns its outcome and counts it."""
+        """Store one map if it is new and passes; returns its outcome, counted, or "deferred" (try it again)."""
         try:
             record = make_record(doc)
         except ValueError as e:
@@ -500,7 +508,7 @@ class Downloader:
                 declared_bytes = int(response.headers.get("Content-Length") or 0)
                 if max_bytes and declared_bytes > max_bytes:
                     raise MapFault("too_large", f"{declared_bytes} bytes (limit {max_bytes})")
-                received_bytes = 0
+                received_bytes = 0      # zip bytes written so far; urllib3 raises if fewer than Content-Length come
                 with open(tmp_path, "wb") as f:
                     for chunk in response.iter_content(chunk_size=1 << 16):
                         received_bytes += len(chunk)
@@ -509,8 +517,6 @@ class Downloader:
                         f.write(chunk)
                     f.flush()
                     os.fsync(f.fileno())
-                if declared_bytes and received_bytes != declared_bytes:
-                    raise MapFault("truncated", f"{received_bytes} of {declared_bytes} bytes")
         except requests.RequestException as e:
             raise MapFault(error_kind(e), f"{type(e).__name__}: {e}") from None
 
@@ -572,7 +578,7 @@ def criteria_from_args(args):
                     max_parity_errors=args.max_parity_errors)
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -581,7 +587,7 @@ def parse_args(argv=None):
     p.add_argument("--count", type=int, default=100,
                    help="stop once OUT_DIR holds this many accepted maps, earlier runs included (default 100); "
                         "0 = no limit")
-    p.add_argument("--since", default=None,
+    p.add_argument("--since", type=parse_instant, default=None,
                    help="only maps uploaded at or after this date, YYYY-MM-DD or ISO instant (default: all)")
     p.add_argument("--api_url", default=API_URL, help=f"BeatSaver API root (default {API_URL})")
     p.add_argument("--search", action="store_true",
@@ -612,13 +618,17 @@ def parse_args(argv=None):
                    help="move rejected zips to MAPS_DIR/rejected/<reason>/ and accepted ones back to MAPS_DIR "
                         "(default: only write accepted.txt and rejected.tsv)")
     add_criteria_args(p)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def print_counts(title, counts):
-    print(f"{title:<28}{'maps':>8}")
+    print(f"{title:<34}{'maps':>8}")
     for key, n in counts.items():
-        print(f"{key:<28}{n:>8}")
+        print(f"{key:<34}{n:>8}")
 
 
 def main(argv=None):
