@@ -1,7 +1,480 @@
 """Utilities around generated and training maps: writing ready-to-play maps, v3 chains → notes, grid snapping,
 tempo/phase estimation, songs from links, previews, and the map-quality score card."""
 
+import argparse
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import textwrap
+import urllib.parse
+import zipfile
+from pathlib import Path
+
+import librosa
+import mutagen
+import mutagen.oggvorbis
+import numpy as np
+import soundfile
+import yt_dlp
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from audio import audio_duration_s, load_audio
+from maps import Note, read_map
+
+
 # ---- map writing, chains, snapping, tempo, downloads, previews (issue 4) ----
+DIFFICULTY_RANKS = {"Easy": 1, "Normal": 3, "Hard": 5, "Expert": 7, "ExpertPlus": 9}
+# difficulty → (note jump speed, note jump start beat offset), close to the official levels
+NOTE_JUMP = {"Easy": (10.0, 0.0), "Normal": (10.0, 0.0), "Hard": (12.0, 0.0), "Expert": (16.0, 0.0),
+             "ExpertPlus": (18.0, 0.0)}
+LEVEL_AUTHOR = "beatgen"
+LIGHTS_ON = (0, 1, 2, 3, 4)      # v3 basic event types switched on (value 1, blue) at beat 0, so the stage is lit
+SONG_RATE = 44100                # Hz of a song.egg converted from another format
+AUDIO_BLOCK_FRAMES = 65536       # soundfile's Vorbis encoder crashes on one long write (corrections.md §6)
+AUDIO_FORMATS = {".ogg": "OGG", ".egg": "OGG", ".wav": "WAV", ".flac": "FLAC"}   # extension → soundfile format
+COVER_PX = 512                   # BeatSaver wants a square jpg/png cover of at least 256 px
+PREVIEW_S = 10.0                 # song preview length in the game's song list
+SNAP_TICKS_PER_BEAT = 48         # the fallback grid of snap_notes (data.PPQ)
+TEMPO_HOP = 256                  # samples per onset-envelope frame for the tempo
+TEMPO_SEARCH = 0.06              # relative: the refined tempo lies within ±6 % of librosa's estimate
+TEMPO_STEPS = 1201               # candidate tempi in that range (0.01 % apart)
+TEMPO_HARMONICS = 4              # beat-rate multiples summed by the periodicity fit
+ONSET_HOP, ONSET_FFT = 64, 512   # short frames for onset times (≈ 3 ms late on clicks at 22–24 kHz)
+BEAT_WINDOW = 1 / 10             # onsets within this many beats of the grid fit the final line
+DOWNLOADABLE = {".ogg", ".egg", ".mp3", ".wav", ".flac", ".opus"}   # what audio.load_audio decodes without ffmpeg
+
+
+def write_map(out_path, notes, bpm, song_path, difficulty="ExpertPlus", lead_in_s=0.0,
+              song_name=None, song_author=None, cover_path=None) -> str:
+    """Write one Standard difficulty as a map BeatSaver accepts; returns out_path.
+
+    notes = [Note(beat, x, y, color, direction), ...] in beats of `bpm`; beat 0 is lead_in_s into the written
+    song, so a time t_s of the original song is beat (t_s + lead_in_s) * bpm / 60.
+    out_path ending ".zip" → a zip of Info.dat (2.0.0), <difficulty>Standard.dat (3.3.0, every field written),
+    song.egg and cover.jpg; ".dat" → only the difficulty file; anything else → a folder of those four files.
+    song.egg = the song as Ogg Vorbis after lead_in_s seconds of silence (an Ogg Vorbis song with no lead-in is
+    copied as is; anything else is decoded by audio.load_audio to 44.1 kHz mono and encoded).
+    song_name / song_author default to the song's title / artist tags, else its file stem / "".
+    cover_path: an image, centre-cropped to a square; None → a generated one.
+    Raises ValueError for an unknown difficulty, a bpm outside 10..1000, a negative lead_in_s or the first note
+    the game or BeatSaver would reject (beat outside 0..song length, x, y, color or direction out of range);
+    nothing is written then, and no note is ever dropped or moved.
+    """
+    out_path = os.fspath(out_path)
+    if difficulty not in DIFFICULTY_RANKS:
+        raise ValueError(f"difficulty {difficulty!r} is not one of {', '.join(DIFFICULTY_RANKS)}")
+    if not 10 <= bpm <= 1000:
+        raise ValueError(f"bpm {bpm} is outside 10..1000")
+    if not lead_in_s >= 0:
+        raise ValueError(f"lead_in_s {lead_in_s} is negative")
+    only_dat = out_path.lower().endswith(".dat")
+    # song_egg = Ogg Vorbis bytes of the song as written (lead-in included); None when only the .dat is written
+    song_egg = None if only_dat else _song_egg(song_path, lead_in_s)
+    duration_s = audio_duration_s(song_path) + lead_in_s if only_dat else audio_duration_s(song_egg)
+    _check_notes(notes, duration_s * bpm / 60)
+    dat_name = f"{difficulty}Standard.dat"
+    dat = json.dumps(_difficulty_v3(notes)).encode()
+    if only_dat:
+        _write_atomic(out_path, dat)
+        return out_path
+    title, artist = _song_tags(song_path)
+    song_name = song_name or title or Path(song_path).stem
+    song_author = song_author if song_author is not None else artist
+    info = _info_v2(bpm, difficulty, dat_name, song_name, song_author, duration_s)
+    # files = {name in the map: bytes}
+    files = {"Info.dat": json.dumps(info, indent=2).encode(), dat_name: dat, "song.egg": song_egg,
+             "cover.jpg": _cover_jpg(cover_path, song_name)}
+    if out_path.lower().endswith(".zip"):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, data in files.items():
+                archive.writestr(name, data)
+        _write_atomic(out_path, buffer.getvalue())
+    else:
+        for name, data in files.items():
+            _write_atomic(os.path.join(out_path, name), data)
+    return out_path
+
+
+def _check_notes(notes, song_beats):
+    """Raise ValueError naming the first note outside the song (0..song_beats) or off the 4x3 grid, colours, directions."""
+    for i, (beat, x, y, color, direction) in enumerate(notes):
+        if not (math.isfinite(beat) and 0 <= beat <= song_beats):
+            raise ValueError(f"note {i} {tuple(notes[i])}: beat {beat} is outside the song (0..{song_beats:.3f} beats)")
+        for name, value, allowed in (("x", x, range(4)), ("y", y, range(3)), ("color", color, range(2)),
+                                     ("direction", direction, range(9))):
+            if value not in allowed:
+                raise ValueError(f"note {i} {tuple(notes[i])}: {name} {value} is not in {allowed.start}..{allowed.stop - 1}")
+
+
+def _difficulty_v3(notes) -> dict:
+    """notes → a v3.3.0 difficulty with every top-level array present and every field of each object written."""
+    return {
+        "version": "3.3.0",
+        "bpmEvents": [],
+        "rotationEvents": [],
+        "colorNotes": [{"b": float(beat), "x": int(x), "y": int(y), "c": int(color), "d": int(direction), "a": 0}
+                       for beat, x, y, color, direction in sorted(notes)],
+        "bombNotes": [],
+        "obstacles": [],
+        "sliders": [],
+        "burstSliders": [],
+        "waypoints": [],
+        "basicBeatmapEvents": [{"b": 0.0, "et": event_type, "i": 1, "f": 1.0} for event_type in LIGHTS_ON],
+        "colorBoostBeatmapEvents": [],
+        "lightColorEventBoxGroups": [],
+        "lightRotationEventBoxGroups": [],
+        "lightTranslationEventBoxGroups": [],
+        "vfxEventBoxGroups": [],
+        "_fxEventsCollection": {"_fl": [], "_il": []},
+        "basicEventTypesWithKeywords": {"d": []},
+        "useNormalEventsAsCompatibleEvents": True,
+    }
+
+
+def _info_v2(bpm, difficulty, dat_name, song_name, song_author, duration_s) -> dict:
+    """Info.dat 2.0.0 for one Standard difficulty, song.egg and cover.jpg; every field BeatSaver checks is present."""
+    njs, offset_beats = NOTE_JUMP[difficulty]
+    preview_start_s = max(0.0, min(duration_s / 3, duration_s - PREVIEW_S))
+    return {
+        "_version": "2.0.0",
+        "_songName": song_name[:100 - len(LEVEL_AUTHOR)],   # BeatSaver: name + level author ≤ 100 characters
+        "_songSubName": "",
+        "_songAuthorName": song_author,
+        "_levelAuthorName": LEVEL_AUTHOR,
+        "_beatsPerMinute": float(bpm),
+        "_songTimeOffset": 0,
+        "_shuffle": 0,
+        "_shufflePeriod": 0.5,
+        "_previewStartTime": round(preview_start_s, 3),
+        "_previewDuration": round(min(PREVIEW_S, duration_s), 3),
+        "_songFilename": "song.egg",
+        "_coverImageFilename": "cover.jpg",
+        "_environmentName": "DefaultEnvironment",
+        "_allDirectionsEnvironmentName": "GlassDesertEnvironment",
+        "_difficultyBeatmapSets": [{
+            "_beatmapCharacteristicName": "Standard",
+            "_difficultyBeatmaps": [{
+                "_difficulty": difficulty,
+                "_difficultyRank": DIFFICULTY_RANKS[difficulty],
+                "_beatmapFilename": dat_name,
+                "_noteJumpMovementSpeed": njs,
+                "_noteJumpStartBeatOffset": offset_beats,
+            }],
+        }],
+    }
+
+
+def _song_egg(song_path, lead_in_s) -> bytes:
+    """song file → Ogg Vorbis bytes of lead_in_s seconds of silence followed by the song."""
+    if lead_in_s == 0 and isinstance(_mutagen_file(song_path), mutagen.oggvorbis.OggVorbis):
+        return Path(song_path).read_bytes()
+    # song = (samples,) float32 mono at SONG_RATE, silence in front
+    song = load_audio(song_path, sample_rate=SONG_RATE)
+    song = np.concatenate([np.zeros(round(lead_in_s * SONG_RATE), np.float32), song])
+    buffer = io.BytesIO()
+    _write_audio(buffer, song, SONG_RATE, "OGG")
+    return buffer.getvalue()
+
+
+def _write_audio(file, samples, sample_rate, audio_format):
+    """samples = (n,) float mono → file (path or binary file object) as audio_format ("OGG" = Ogg Vorbis, "WAV",
+    "FLAC"), handed to soundfile in blocks of AUDIO_BLOCK_FRAMES."""
+    subtype = "VORBIS" if audio_format == "OGG" else None
+    samples = np.clip(samples, -1.0, 1.0)
+    with soundfile.SoundFile(file, "w", samplerate=sample_rate, channels=1, format=audio_format,
+                             subtype=subtype) as out:
+        for start in range(0, len(samples), AUDIO_BLOCK_FRAMES):
+            out.write(samples[start:start + AUDIO_BLOCK_FRAMES])
+
+
+def _mutagen_file(path):
+    """mutagen's view of an audio file (tags, container type), or None when it cannot read it."""
+    try:
+        return mutagen.File(path, easy=True)
+    except (mutagen.MutagenError, OSError):
+        return None
+
+
+def _song_tags(song_path) -> tuple[str, str]:
+    """(title, artist) from the song file's tags; "" for a missing one."""
+    tagged = _mutagen_file(song_path)
+    if tagged is None or tagged.tags is None:
+        return "", ""
+    return tuple(str((tagged.tags.get(key) or [""])[0]).strip() for key in ("title", "artist"))
+
+
+def _cover_jpg(cover_path, song_name) -> bytes:
+    """cover image file (centre-cropped to a square) or, for None, a red → blue gradient with the song name
+    → COVER_PX x COVER_PX JPEG bytes."""
+    if cover_path:
+        with Image.open(cover_path) as image:
+            cover = ImageOps.fit(image.convert("RGB"), (COVER_PX, COVER_PX))
+    else:
+        # ramp = (COVER_PX, COVER_PX) 0..1, top left → bottom right
+        ramp = np.add.outer(np.arange(COVER_PX), np.arange(COVER_PX)) / (2 * COVER_PX - 2)
+        rgb = (1 - ramp)[..., None] * (170, 30, 40) + ramp[..., None] * (30, 70, 190)
+        cover = Image.fromarray(rgb.astype(np.uint8))
+        draw = ImageDraw.Draw(cover)
+        text = "\n".join(textwrap.wrap(song_name, 16)[:5])
+        draw.multiline_text((COVER_PX / 2, COVER_PX / 2), text, fill="white", anchor="mm", align="center",
+                            font=ImageFont.load_default(size=48))
+    buffer = io.BytesIO()
+    cover.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _write_atomic(path, data):
+    """bytes → path through a temporary file in the same folder and os.replace: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def chains_to_notes(difficulty) -> list[Note]:
+    """maps.Difficulty → its colour notes plus the notes its chains stand for, sorted by (beat, x, y, color, direction).
+
+    A chain of n = segments pieces (head included) gives its head note and pieces i = 1..n-1 at fraction
+    f = i / (n - 1) from head to tail: beat = head beat + f * (tail beat - head beat), (x, y) = head + f * squish *
+    (tail - head) rounded to the nearest lane / layer and kept on the 4x3 grid, with the chain's colour and the
+    head's direction (one swing cuts the whole chain). The game bends the pieces along a curve that leaves the
+    head in its cut direction; a straight line is what the 4x3 grid can hold. A head or piece at the same
+    (beat, x, y, color) as a note already there is not added twice (mappers put a colour note under each chain head).
+    Arcs add no notes: an arc is not cut, and the ends a player hits are colour notes of their own.
+    """
+    # notes = {(beat, x, y, color): Note}, the map's own notes first
+    notes = {note[:4]: note for note in difficulty.notes}
+    for chain in difficulty.chains:
+        n = chain.segments
+        for i in range(n):
+            f = i / (n - 1) if n > 1 else 0.0
+            x = min(max(math.floor(chain.x + f * chain.squish * (chain.tail_x - chain.x) + 0.5), 0), 3)
+            y = min(max(math.floor(chain.y + f * chain.squish * (chain.tail_y - chain.y) + 0.5), 0), 2)
+            beat = chain.beat + f * (chain.tail_beat - chain.beat)
+            notes.setdefault((beat, x, y, chain.color), Note(beat, x, y, chain.color, chain.direction))
+    return sorted(notes.values())
+
+
+def snap_notes(notes, divisions=(1, 2, 3, 4, 6, 8), tolerance_beats=1 / 32) -> list[Note]:
+    """notes = [Note, ...] → the notes with each beat moved to the nearest point of a 1/d-beat grid (d in divisions,
+    the earlier d winning a tie) when that is within tolerance_beats, else to the nearest 1/48 beat.
+
+    The default tolerance (1/32 beat: 16 ms at 120 BPM) pulls a note one 1/48 tick off a 1/8 or 1/6 grid onto it
+    and leaves 1/12, 1/16 and 1/24 notes where they are. Notes that end up at the same (beat, x, y) are one: the
+    one that moved least stays (the earliest in the input on a tie). Returns them sorted by (beat, x, y, color, direction).
+    """
+    # kept = {(beat, x, y): (beats moved, Note)}
+    kept = {}
+    for note in notes:
+        beat = min((round(note.beat * d) / d for d in divisions), key=lambda grid_beat: abs(grid_beat - note.beat))
+        if abs(beat - note.beat) > tolerance_beats:
+            beat = round(note.beat * SNAP_TICKS_PER_BEAT) / SNAP_TICKS_PER_BEAT
+        moved = abs(beat - note.beat)
+        key = (beat, note.x, note.y)
+        if key not in kept or moved < kept[key][0]:
+            kept[key] = (moved, Note(beat, *note[1:]))
+    return sorted(note for _, note in kept.values())
+
+
+def estimate_beat(audio, sample_rate) -> tuple[float, float]:
+    """Tempo and beat phase of a song at one steady tempo.
+
+    audio = (samples,) float mono at sample_rate Hz → (bpm, first_beat_s). The beat grid is first_beat_s + k * 60 / bpm
+    (k = 0, 1, ...) seconds; first_beat_s is its first time ≥ 0, so 0 ≤ first_beat_s < 60 / bpm (the grid may start
+    in an intro before the music's first beat). lead_in_for_beat(bpm, first_beat_s) gives the silence to put in
+    front of the song so that written beats fall on this grid.
+    bpm is librosa's tempo estimate refined — and inherits its octave: it can be half or double the tempo a
+    person would tap (librosa prefers tempi near 120):
+      1. periodicity fit: the bpm within ±6 % that maximises Σ_k |DFT of librosa's onset envelope at k·bpm/60 Hz|, k = 1..4;
+      2. the grid offset (1 ms steps) whose beats collect the most onset strength (short frames) places the grid;
+      3. a least-squares line t = first_beat_s + k * 60 / bpm through librosa's onsets within 1/10 beat of the grid.
+    Raises ValueError when there is no beat to find (silence, a few seconds of audio).
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    # envelope = (frames,) onset strength at sample_rate / TEMPO_HOP frames per second, mean removed
+    envelope = librosa.onset.onset_strength(y=audio, sr=sample_rate, hop_length=TEMPO_HOP)
+    coarse_bpm = float(librosa.feature.tempo(onset_envelope=envelope, sr=sample_rate, hop_length=TEMPO_HOP)[0])
+    if not (envelope.any() and coarse_bpm > 0):
+        raise ValueError("no beat found: the audio is silent or too short")
+    envelope = envelope - envelope.mean()
+    frame_s = np.arange(len(envelope)) * TEMPO_HOP / sample_rate
+    # bpms = (TEMPO_STEPS,) candidate tempi; strength = (TEMPO_STEPS,) summed DFT magnitudes at their harmonics
+    bpms = coarse_bpm * np.linspace(1 - TEMPO_SEARCH, 1 + TEMPO_SEARCH, TEMPO_STEPS)
+    strength = [sum(abs(np.exp(-2j * np.pi * k * bpm / 60 * frame_s) @ envelope) for k in range(1, TEMPO_HARMONICS + 1))
+                 for bpm in bpms]
+    period_s = 60 / bpms[int(np.argmax(strength))]
+    # sharp = (frames,) onset strength at ONSET_HOP samples per frame, frame times sharp_s
+    sharp = librosa.onset.onset_strength(y=audio, sr=sample_rate, hop_length=ONSET_HOP, n_fft=ONSET_FFT)
+    sharp_s = np.arange(len(sharp)) * ONSET_HOP / sample_rate
+    # offsets_s = (candidates,) grid starts 1 ms apart; comb = (candidates,) onset strength summed on each grid's beats
+    offsets_s = np.arange(0, period_s, 0.001)
+    comb = np.interp(offsets_s[:, None] + np.arange(0, sharp_s[-1], period_s), sharp_s, sharp).sum(axis=1)
+    first_beat_s = offsets_s[int(np.argmax(comb))]
+    # onsets_s = (onsets,) seconds; beats = (onsets,) index of the nearest grid beat
+    onsets_s = librosa.onset.onset_detect(onset_envelope=sharp, sr=sample_rate, hop_length=ONSET_HOP, units="time")
+    beats = np.round((onsets_s - first_beat_s) / period_s)
+    on_grid = np.abs(onsets_s - first_beat_s - beats * period_s) < BEAT_WINDOW * period_s
+    if len(np.unique(beats[on_grid])) >= 4:
+        period_s, first_beat_s = np.polyfit(beats[on_grid], onsets_s[on_grid], 1)
+    return float(60 / period_s), float(first_beat_s % period_s)
+
+
+def lead_in_for_beat(bpm, first_beat_s) -> float:
+    """Seconds of silence to put in front of a song so that its beat grid (estimate_beat's first_beat_s + k * 60 / bpm)
+    lands on whole beats of the written song: (first_beat_s + lead_in_s) * bpm / 60 is a whole number. In [0, 60 / bpm)."""
+    period_s = 60 / bpm
+    return (period_s - first_beat_s % period_s) % period_s
+
+
+def is_url(text) -> bool:
+    """True for an http(s) link with a host (a song to download), False for anything else (a local path)."""
+    parsed = urllib.parse.urlparse(str(text))
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
+
+
+def download_audio(url, out_dir) -> str:
+    """Download the best audio of a link (a video page yt-dlp knows, or a direct link to an audio file) into out_dir
+    → path of the audio file. With ffmpeg on PATH the audio is converted to Ogg Vorbis; without it the file is kept
+    as served and must be one audio.load_audio decodes (.ogg/.mp3/.wav/.flac/.opus).
+    Raises ValueError when the download fails or gives a file that cannot be decoded without ffmpeg.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    has_ffmpeg = shutil.which("ffmpeg") is not None
+    options = {
+        "format": "bestaudio/best",
+        "outtmpl": os.path.join(os.fspath(out_dir), "%(title).100B [%(id)s].%(ext)s"),
+        "noplaylist": True,
+        "quiet": True,
+        "no_warnings": True,
+        "noprogress": True,
+        "socket_timeout": 30,
+        "postprocessors": [{"key": "FFmpegExtractAudio", "preferredcodec": "vorbis"}] if has_ffmpeg else [],
+    }
+    try:
+        with yt_dlp.YoutubeDL(options) as downloader:
+            info = downloader.extract_info(url, download=True)
+    except yt_dlp.utils.YoutubeDLError as e:
+        raise ValueError(f"{url}: download failed ({e})") from None
+    path = info["requested_downloads"][0]["filepath"]
+    if Path(path).suffix.lower() not in DOWNLOADABLE:
+        raise ValueError(f"{url}: got {Path(path).name}, which cannot be decoded without ffmpeg; install ffmpeg")
+    return path
+
+
+PREVIEW_BEATS_PER_ROW = 16       # beats in one row of the preview picture (4 bars of 4)
+PREVIEW_BEAT_PX = 80
+PREVIEW_CELL_PX = 14             # height of one of the 12 grid cells stacked in a row
+PREVIEW_LEFT_PX = 60
+PREVIEW_DENSITY_PX = 90
+NOTE_RGB = {0: (230, 50, 60), 1: (50, 125, 240)}
+# direction → (dx, dy) unit arrow in picture coordinates (y points down); 8 (any) is drawn as a dot
+ARROWS = {0: (0, -1), 1: (0, 1), 2: (-1, 0), 3: (1, 0), 4: (-0.7071, -0.7071), 5: (0.7071, -0.7071),
+          6: (-0.7071, 0.7071), 7: (0.7071, 0.7071)}
+CLICK_HZ = {0: 1500.0, 1: 2500.0}   # red notes click lower than blue ones
+
+
+def write_preview(notes, bpm, song_path, out_png, out_audio, lead_in_s=0.0):
+    """A picture and a click track of a map, to judge it without the game.
+
+    notes = [Note, ...] in beats of bpm, beat 0 = lead_in_s into the written song (as write_map).
+    out_png: notes per second over the whole song, then rows of 16 beats (time left → right) with the 12 grid
+    cells stacked as lanes (top layer on top, x 0..3 from the top within a layer); a note is a square in its
+    colour (red 0, blue 1) with a white arrow toward its cut direction, or a white dot for any direction.
+    out_audio (.ogg/.egg = Ogg Vorbis, .wav, .flac): the song after lead_in_s of silence, as in song.egg, with a
+    short tone at every note (1.5 kHz red, 2.5 kHz blue).
+    """
+    audio_format = AUDIO_FORMATS.get(Path(out_audio).suffix.lower())
+    if audio_format is None:
+        raise ValueError(f"{out_audio}: preview audio must end in one of {', '.join(AUDIO_FORMATS)}")
+    # song = (samples,) float32 mono at SONG_RATE with the lead-in, as written to song.egg
+    song = load_audio(song_path, sample_rate=SONG_RATE)
+    song = np.concatenate([np.zeros(round(lead_in_s * SONG_RATE), np.float32), song])
+    duration_s = len(song) / SONG_RATE
+    _write_atomic(out_png, _preview_png(notes, bpm, duration_s, Path(song_path).stem))
+    t_s = np.arange(int(0.03 * SONG_RATE)) / SONG_RATE
+    # clicks = {color: (samples,) float32 tone burst}
+    clicks = {color: (0.6 * np.sin(2 * np.pi * hz * t_s) * np.exp(-t_s / 0.006)).astype(np.float32)
+              for color, hz in CLICK_HZ.items()}
+    mix = 0.6 * song
+    for beat, color in {(note.beat, note.color) for note in notes}:
+        start = round(beat * 60 / bpm * SONG_RATE)
+        burst = clicks[color][:max(0, len(mix) - start)]
+        mix[start:start + len(burst)] += burst
+    buffer = io.BytesIO()
+    _write_audio(buffer, mix, SONG_RATE, audio_format)
+    _write_atomic(out_audio, buffer.getvalue())
+
+
+def _preview_png(notes, bpm, duration_s, title) -> bytes:
+    """notes in beats of bpm over a song of duration_s → PNG bytes of the picture write_preview describes."""
+    font = ImageFont.load_default(size=12)
+    song_beats = duration_s * bpm / 60
+    last_beat = max([song_beats] + [note.beat for note in notes])
+    n_rows = max(1, math.ceil(last_beat / PREVIEW_BEATS_PER_ROW))
+    row_px = 12 * PREVIEW_CELL_PX + 22
+    plot_px = PREVIEW_BEATS_PER_ROW * PREVIEW_BEAT_PX
+    width, top_px = PREVIEW_LEFT_PX + plot_px + 20, 30 + PREVIEW_DENSITY_PX + 10
+    image = Image.new("RGB", (width, top_px + n_rows * row_px + 10), (22, 22, 26))
+    draw = ImageDraw.Draw(image)
+    draw.text((8, 8), f"{title}: {len(notes)} notes, {bpm:.2f} BPM, {duration_s:.1f} s, "
+                      f"{len(notes) / duration_s:.2f} notes/s", fill="white", font=font)
+
+    # per_second = (seconds,) notes starting in each second of the song
+    seconds = max(1, math.ceil(duration_s))
+    per_second, _ = np.histogram([note.beat * 60 / bpm for note in notes], bins=seconds, range=(0, seconds))
+    base_y, scale = 30 + PREVIEW_DENSITY_PX, (PREVIEW_DENSITY_PX - 14) / max(1, per_second.max())
+    draw.text((8, 30), f"notes/s\nmax {per_second.max()}", fill=(200, 200, 200), font=font)
+    for second, count in enumerate(per_second):
+        x0 = PREVIEW_LEFT_PX + second * plot_px / seconds
+        draw.rectangle([x0, base_y - count * scale, x0 + max(1.0, plot_px / seconds - 1), base_y], fill=(150, 150, 170))
+    for second in range(0, seconds, 30):
+        x = PREVIEW_LEFT_PX + second * plot_px / seconds
+        draw.line([x, base_y, x, base_y + 4], fill="white")
+        draw.text((x + 2, base_y - 12), f"{second // 60}:{second % 60:02d}", fill=(200, 200, 200), font=font)
+
+    for row in range(n_rows):
+        grid_top = top_px + row * row_px + 16
+        for layer in range(3):
+            y0 = grid_top + layer * 4 * PREVIEW_CELL_PX
+            draw.rectangle([PREVIEW_LEFT_PX, y0, PREVIEW_LEFT_PX + plot_px, y0 + 4 * PREVIEW_CELL_PX - 1],
+                           fill=(40, 40, 48) if layer % 2 == 0 else (32, 32, 38))
+            draw.text((6, y0 + 2), ("top", "middle", "bottom")[layer], fill=(160, 160, 160), font=font)
+            draw.text((6, y0 + 2 * PREVIEW_CELL_PX), "x 0..3", fill=(110, 110, 110), font=font)
+        for beat in range(PREVIEW_BEATS_PER_ROW + 1):
+            x = PREVIEW_LEFT_PX + beat * PREVIEW_BEAT_PX
+            bar = beat % 4 == 0
+            draw.line([x, grid_top, x, grid_top + 12 * PREVIEW_CELL_PX], fill=(110, 110, 120) if bar else (60, 60, 70))
+            if bar and beat < PREVIEW_BEATS_PER_ROW:
+                draw.text((x + 3, grid_top - 14), str(row * PREVIEW_BEATS_PER_ROW + beat), fill="white", font=font)
+        end_offset = song_beats - row * PREVIEW_BEATS_PER_ROW
+        if 0 <= end_offset < PREVIEW_BEATS_PER_ROW:
+            x = PREVIEW_LEFT_PX + end_offset * PREVIEW_BEAT_PX
+            draw.line([x, grid_top - 14, x, grid_top + 12 * PREVIEW_CELL_PX], fill=(240, 200, 60), width=2)
+
+    for beat, x, y, color, direction in sorted(notes):
+        row, offset = divmod(beat, PREVIEW_BEATS_PER_ROW)
+        cx = PREVIEW_LEFT_PX + offset * PREVIEW_BEAT_PX
+        cy = top_px + int(row) * row_px + 16 + ((2 - y) * 4 + x + 0.5) * PREVIEW_CELL_PX
+        draw.rectangle([cx - 6, cy - 6, cx + 6, cy + 6], fill=NOTE_RGB.get(color, (200, 200, 200)), outline="black")
+        if direction in ARROWS:
+            dx, dy = ARROWS[direction]
+            draw.polygon([(cx + 5 * dx, cy + 5 * dy), (cx - 3 * dx - 4 * dy, cy - 3 * dy + 4 * dx),
+                          (cx - 3 * dx + 4 * dy, cy - 3 * dy - 4 * dx)], fill="white")
+        else:
+            draw.ellipse([cx - 2.5, cy - 2.5, cx + 2.5, cy + 2.5], fill="white")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 # ---- score card (issue 6) ----
@@ -27,11 +500,6 @@ tempo/phase estimation, songs from links, previews, and the map-quality score ca
 #   and a blue side by side in one layer (blue one lane right of red) whose arrows point into each other (red right,
 #   up-right or down-right; blue left, up-left or down-left), so the sabers collide. A red and a blue swinging opposite
 #   ways (one up, one down) is allowed: human maps use it.
-import argparse
-import json
-
-import numpy as np
-
 ONSET_MERGE_S = 0.001
 SCORE_WINDOWS_S = (0.020, 0.050)
 NOTE_TYPE_WINDOW_S = 0.050
@@ -225,7 +693,7 @@ def score_card(generated, reference, bpm_generated, bpm_reference):
     # generated_nps, reference_nps = (bins,) notes per second per NPS_BIN_S window, same bins for both
     generated_nps = nps_curve(generated, bpm_generated, end_s)
     reference_nps = nps_curve(reference, bpm_reference, end_s)
-    defined = len(generated_nps) > 1 and np.std(generated_nps) > 0 and np.std(reference_nps) > 0
+    defined = len(generated_nps) > 2 and np.std(generated_nps) > 0 and np.std(reference_nps) > 0
     card["nps_curve_pearson"] = float(np.corrcoef(generated_nps, reference_nps)[0, 1]) if defined else None
 
     # pairs = [(generated onset index, reference onset index), ...] matched at NOTE_TYPE_WINDOW_S
@@ -283,8 +751,6 @@ def format_score_card(card):
 
 
 def _score_command(args):
-    from maps import read_map
-
     generated_map, reference_map = read_map(args.generated), read_map(args.reference)
     generated_key = (args.characteristic, args.difficulty)
     reference_key = (args.characteristic, args.reference_difficulty or args.difficulty)
