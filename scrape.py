@@ -54,6 +54,7 @@ REASONS = ("ai_made", "low_score", "few_upvotes", "no_wanted_difficulty", "mods"
 
 @dataclass
 class Criteria:
+    """What a training map must satisfy; every field has an off value (False → True, 0, '' or -1)."""
     allow_ai: bool = False
     min_score: float = 0.6              # BeatSaver rating 0..1
     min_upvotes: int = 5
@@ -118,7 +119,7 @@ def make_record(doc):
                 "cinema": bool(d.get("cinema")), "vivify": bool(d.get("vivify")),
             } for d in version["diffs"]],
         }
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"map {map_id!r}: malformed MapDetail ({type(e).__name__}: {e})") from None
     if not isinstance(map_id, str) or not re.fullmatch(r"[0-9a-f]{1,12}", map_id):
         raise ValueError(f"map {map_id!r}: id is not a BeatSaver hex key")

@@ -413,7 +413,8 @@ def test_records_from_recorded_payloads():
     focus = next(r for r in records if r["id"] == "4b6f1")
     assert focus["hash"] == "e5c654bfaf385feda0df68a406dfadda471df62e" and focus["curated"]
     assert focus["diffs"][-1]["difficulty"] == "ExpertPlus" and focus["diffs"][-1]["parity_errors"] == 0
-    for broken in ({"id": "abc"}, {**docs[0], "versions": []}, {**docs[0], "id": "../x"}, "text"):
+    for broken in ({"id": "abc"}, {**docs[0], "versions": []}, {**docs[0], "versions": ["x"]},
+                   {**docs[0], "id": "../x"}, "text", None):
         with pytest.raises(ValueError):
             scrape.make_record(broken)
 
