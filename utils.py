@@ -42,7 +42,8 @@ TEMPO_HOP = 256                  # samples per onset-envelope frame for the temp
 TEMPO_SEARCH = 0.06              # relative: the refined tempo lies within ±6 % of librosa's estimate
 TEMPO_STEPS = 1201               # candidate tempi in that range (0.01 % apart)
 TEMPO_HARMONICS = 4              # beat-rate multiples summed by the periodicity fit
-ONSET_HOP, ONSET_FFT = 64, 512   # short frames for onset times (≈ 3 ms late on clicks at 22–24 kHz)
+ONSET_HOP_S, ONSET_FRAME_S = 0.0025, 0.02   # short frames for onset times (≈ 3 ms late on clicks)
+ONSET_MELS = 40                  # mel bands of those short frames (more leave bands empty)
 BEAT_WINDOW = 1 / 10             # onsets within this many beats of the grid fit the final line
 DOWNLOADABLE = {".ogg", ".egg", ".mp3", ".wav", ".flac", ".opus"}   # what audio.load_audio decodes without ffmpeg
 
@@ -313,15 +314,17 @@ def estimate_beat(audio, sample_rate) -> tuple[float, float]:
     strength = [sum(abs(np.exp(-2j * np.pi * k * bpm / 60 * frame_s) @ envelope) for k in range(1, TEMPO_HARMONICS + 1))
                  for bpm in bpms]
     period_s = 60 / bpms[int(np.argmax(strength))]
-    # sharp = (frames,) onset strength at ONSET_HOP samples per frame, frame times sharp_s
-    sharp = librosa.onset.onset_strength(y=audio, sr=sample_rate, hop_length=ONSET_HOP, n_fft=ONSET_FFT)
-    sharp_s = np.arange(len(sharp)) * ONSET_HOP / sample_rate
+    # sharp = (frames,) onset strength at hop samples per frame, frame times sharp_s
+    hop = round(ONSET_HOP_S * sample_rate)
+    sharp = librosa.onset.onset_strength(y=audio, sr=sample_rate, hop_length=hop, n_mels=ONSET_MELS,
+                                         n_fft=2 ** round(math.log2(ONSET_FRAME_S * sample_rate)))
+    sharp_s = np.arange(len(sharp)) * hop / sample_rate
     # offsets_s = (candidates,) grid starts 1 ms apart; comb = (candidates,) onset strength summed on each grid's beats
     offsets_s = np.arange(0, period_s, 0.001)
     comb = np.interp(offsets_s[:, None] + np.arange(0, sharp_s[-1], period_s), sharp_s, sharp).sum(axis=1)
     first_beat_s = offsets_s[int(np.argmax(comb))]
     # onsets_s = (onsets,) seconds; beats = (onsets,) index of the nearest grid beat
-    onsets_s = librosa.onset.onset_detect(onset_envelope=sharp, sr=sample_rate, hop_length=ONSET_HOP, units="time")
+    onsets_s = librosa.onset.onset_detect(onset_envelope=sharp, sr=sample_rate, hop_length=hop, units="time")
     beats = np.round((onsets_s - first_beat_s) / period_s)
     on_grid = np.abs(onsets_s - first_beat_s - beats * period_s) < BEAT_WINDOW * period_s
     if len(np.unique(beats[on_grid])) >= 4:
@@ -482,7 +485,8 @@ def _preview_png(notes, bpm, duration_s, title) -> bytes:
 # t = beat * 60 / bpm with each map's own BPM (BPM changes not applied, as DDC and Mapperatorinator score onsets).
 # Rules (thresholds are the constants below; README "Score card" shows what they give on human maps):
 # - onsets: notes closer than ONSET_MERGE_S are one onset (a double, stack or window counts once); generated and human
-#   onsets are matched one-to-one within ±window by a two-pointer walk over the sorted times (the largest matching in 1-D).
+#   onsets are matched one-to-one within ±window by a two-pointer walk over the sorted times (the largest matching
+#   in 1-D).
 # - baseline: audio-blind, tempo-oracle. As many onsets as the generated map has, on the human map's 1/k-beat grid
 #   (beat 0 at 0 s): k is the smallest of BASELINE_DIVISIONS whose grid points from the first to the last generated
 #   onset (both rounded to the grid) are at least that many, and the onsets are grid points evenly spaced by index.
@@ -491,32 +495,33 @@ def _preview_png(notes, bpm, duration_s, title) -> bytes:
 #   of (x, y) / of directions, per colour present in both. KL(human || generated) in nats over the 9 directions and the
 #   12 grid cells, both histograms add-one smoothed (notes off the 4x3 grid are left out of the position histogram).
 # - parity, per hand: the notes of one hand at one onset are one swing, along their first non-dot direction. Down,
-#   down-left, down-right = down swing; up, up-left, up-right = up swing; left, right and dots take the swing opposite to
-#   the hand's previous one (horizontals can be cut either way, as in bs-parity's "borderline" cuts). Two consecutive
-#   swings of one hand in the same direction closer than PARITY_RESET_S are one error; a longer gap is a reset.
+#   down-left, down-right = down swing; up, up-left, up-right = up swing; left, right and dots take the swing opposite
+#   to the hand's previous one (horizontals can be cut either way, as in bs-parity's "borderline" cuts). Two consecutive
+#   swings of one hand in the same direction closer than PARITY_RESET_S are one error; a longer gap is a reset
+#   (bomb resets are not seen: bombs are not notes).
 # - vision block: a note at the middle layer of a centre lane (y 1, x 1 or 2) hides every later note in the same or a
 #   neighbouring lane that comes within VISION_BLOCK_S (and not at the same onset); each hidden note counts once.
 # - impossible double, per onset: two notes in one grid cell; or one hand with two arrows more than 45° apart; or a red
 #   and a blue side by side in one layer (blue one lane right of red) whose arrows point into each other (red right,
 #   up-right or down-right; blue left, up-left or down-left), so the sabers collide. A red and a blue swinging opposite
 #   ways (one up, one down) is allowed: human maps use it.
-ONSET_MERGE_S = 0.001
-SCORE_WINDOWS_S = (0.020, 0.050)
-NOTE_TYPE_WINDOW_S = 0.050
-BASELINE_DIVISIONS = (1, 2, 4, 8, 16, 32, 64)
-NPS_BIN_S = 10.0
-PARITY_RESET_S = 0.5
-VISION_BLOCK_S = 0.25
-DOWN_SWING = {1, 6, 7}
-UP_SWING = {0, 4, 5}
-ARROW_ANGLE_DEG = {0: 90, 1: 270, 2: 180, 3: 0, 4: 135, 5: 45, 6: 225, 7: 315}
-RED_INTO_BLUE = {3, 5, 7}
-BLUE_INTO_RED = {2, 4, 6}
+ONSET_MERGE_S = 0.001                           # notes closer than this are one onset
+SCORE_WINDOWS_S = (0.020, 0.050)                # ± onset match windows of the F1 scores
+NOTE_TYPE_WINDOW_S = 0.050                      # ± window of the onsets whose note types are compared
+BASELINE_DIVISIONS = (1, 2, 4, 8, 16, 32, 64)   # k of the 1/k-beat grids the baseline tries, coarsest first
+NPS_BIN_S = 10.0                                # window of the notes-per-second curve
+PARITY_RESET_S = 0.5                            # a same-direction swing after at least this long is a reset
+VISION_BLOCK_S = 0.25                           # how long a middle-centre note hides the notes behind it
+DOWN_SWING = {1, 6, 7}                          # cut directions: down, down-left, down-right
+UP_SWING = {0, 4, 5}                            # cut directions: up, up-left, up-right
+ARROW_ANGLE_DEG = {0: 90, 1: 270, 2: 180, 3: 0, 4: 135, 5: 45, 6: 225, 7: 315}   # cut direction → arrow angle
+RED_INTO_BLUE = {3, 5, 7}                       # red arrows pointing right, toward a blue note on its right
+BLUE_INTO_RED = {2, 4, 6}                       # blue arrows pointing left, toward a red note on its left
 
 
 def note_onsets(notes, bpm):
-    """notes = [Note, ...] in beats of bpm → (onsets_s, groups): onsets_s = (m,) float seconds, sorted, one per group of
-    notes closer than ONSET_MERGE_S; groups = [[Note, ...], ...], the notes at each onset (sorted)."""
+    """notes = [Note, ...] in beats of bpm → (onsets_s, groups): onsets_s = (m,) float seconds, sorted, one per group
+    of notes closer than ONSET_MERGE_S; groups = [[Note, ...], ...], the notes at each onset (sorted)."""
     onsets_s, groups = [], []
     for note in sorted(notes):
         time_s = note.beat * 60.0 / bpm
@@ -554,7 +559,8 @@ def _precision_recall_f1(n_matched, n_estimated, n_reference):
 
 def baseline_onsets(n_onsets, first_s, last_s, bpm):
     """The audio-blind baseline (rules above): n_onsets onsets on the 1/k-beat grid of bpm between first_s and last_s
-    → (onsets_s, k): onsets_s = (n_onsets,) float seconds, sorted (fewer only if even the finest grid is too coarse)."""
+    → (onsets_s, k): onsets_s = (n_onsets,) float seconds, sorted (fewer only if even the finest grid is too
+    coarse)."""
     if n_onsets == 0:
         return np.zeros(0), BASELINE_DIVISIONS[0]
     for division in BASELINE_DIVISIONS:
@@ -735,10 +741,11 @@ def format_score_card(card):
         lines.append(f"{label:28s}{generated[key]:>12d}{reference[key]:>12d}")
     division = card["baseline_division"]
     lines += ["", f"{'onsets':10s}{'precision':>10s}{'recall':>10s}{'F1':>10s}{'baseline F1':>13s}{'skill':>10s}"]
-    for window_ms in (20, 50):
+    for window_s in SCORE_WINDOWS_S:
+        window_ms = round(window_s * 1000)
         scores = card[f"onset_{window_ms}ms"]
-        lines.append(f"{f'±{window_ms} ms':10s}{scores['precision']:>10.3f}{scores['recall']:>10.3f}{scores['f1']:>10.3f}"
-                     f"{scores['baseline_f1']:>13.3f}{scores['skill']:>+10.3f}")
+        lines.append(f"{f'±{window_ms} ms':10s}{scores['precision']:>10.3f}{scores['recall']:>10.3f}"
+                     f"{scores['f1']:>10.3f}{scores['baseline_f1']:>13.3f}{scores['skill']:>+10.3f}")
     lines += [f"baseline: as many onsets on the human BPM's 1/{division}-beat grid, no audio" if division else
               "baseline: none (no generated notes)",
               f"NPS curve Pearson r ({NPS_BIN_S:g} s bins): {number(card['nps_curve_pearson'])}",
@@ -772,7 +779,8 @@ def main(argv=None):
     score.add_argument("generated", help="generated map: zip or folder")
     score.add_argument("reference", help="human map of the same song: zip or folder")
     score.add_argument("--characteristic", default="Standard", help="characteristic in both maps (default Standard)")
-    score.add_argument("--difficulty", default="ExpertPlus", help="difficulty of the generated map (default ExpertPlus)")
+    score.add_argument("--difficulty", default="ExpertPlus",
+                       help="difficulty of the generated map (default ExpertPlus)")
     score.add_argument("--reference_difficulty", default=None,
                        help="difficulty of the human map (default: the same as --difficulty)")
     score.add_argument("--json", action="store_true", help="print the card as JSON instead of a table")
