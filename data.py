@@ -8,6 +8,7 @@ Ticks are 48 per beat, counted from the chunk's first beat; a note type packs (x
 """
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -158,6 +159,41 @@ def decode_note_tokens(tokens):
 def sequence_length(n_frames, n_notes):
     """Tokens in a training sequence: 4 prompt specials + audio + 2 per note + EOS."""
     return 5 + N_CODEBOOKS * n_frames + 2 * n_notes
+
+
+# ---- model metadata: the token space and audio settings a model was trained with ----
+
+METADATA_FILE = "beatgen.json"
+
+
+def save_metadata(model_dir, audio_tokenizer, audio_model, chunk_duration, max_seq_length):
+    """Write model_dir/beatgen.json, which infer.py reads to rebuild the token space and the audio tokenizer."""
+    metadata = {"token_space_version": TOKEN_SPACE_VERSION, "vocab_used": VOCAB_USED, "ppq": PPQ,
+                "audio_model": str(audio_model), "bandwidth": audio_tokenizer.bandwidth,
+                "sample_rate": audio_tokenizer.sample_rate, "frame_rate": audio_tokenizer.frame_rate,
+                "n_codebooks": audio_tokenizer.n_codebooks, "chunk_duration": chunk_duration,
+                "max_seq_length": max_seq_length}
+    os.makedirs(model_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=model_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(metadata, f, indent=2)
+    os.replace(tmp, os.path.join(model_dir, METADATA_FILE))
+
+
+def load_metadata(model_dir):
+    """model_dir/beatgen.json → dict; ValueError when it is missing, unreadable, or for another token space."""
+    path = Path(model_dir) / METADATA_FILE
+    if not path.is_file():
+        raise ValueError(f"{model_dir}: no {METADATA_FILE}; is this a folder written by train.py?")
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(metadata, dict) or metadata.get("token_space_version") != TOKEN_SPACE_VERSION \
+            or metadata.get("ppq") != PPQ or metadata.get("n_codebooks") != N_CODEBOOKS:
+        raise ValueError(f"{path}: written for another token space than version {TOKEN_SPACE_VERSION} "
+                         f"(PPQ {PPQ}, {N_CODEBOOKS} codebooks)")
+    return metadata
 
 
 # ---- chunking ----
@@ -357,3 +393,39 @@ def audio_masking_collator(batch):
     trained = in_range(input_ids, "tick") | in_range(input_ids, "note_type") | (input_ids == EOS)
     labels = torch.where(trained & (attention_mask == 1), input_ids, IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ---- generation grammar ----
+
+class NoteGrammar:
+    """transformers LogitsProcessor keeping generated notes well formed, for a left-padded batch of prompts.
+
+    After the prompt a row alternates tick, note type, tick, note type, …; EOS may come only where a tick could.
+    Ticks never decrease within a row and stay ≤ max_ticks[row] (the last tick inside that row's chunk); note
+    types use directions 0..8 (9 is not a game direction). After EOS a row may only produce PAD.
+    """
+
+    def __init__(self, prompt_length, max_ticks):
+        self.prompt_length = prompt_length
+        self.max_ticks = torch.as_tensor(max_ticks, dtype=torch.long)      # (B,) last allowed tick per row
+        self.tick_ids = torch.arange(SIZES["tick"])
+        types = torch.arange(SIZES["note_type"])
+        self.valid_types = types % N_DIRECTIONS < 9                          # (240,) bool
+
+    def __call__(self, input_ids, scores):
+        # input_ids = (B, prompt_length + n) ids so far; scores = (B, V) logits for the next id
+        generated = input_ids[:, self.prompt_length:]
+        n = generated.shape[1]
+        allowed = torch.zeros_like(scores, dtype=torch.bool)
+        if n % 2 == 1:
+            allowed[:, NOTE_TYPE_OFFSET:NOTE_TYPE_OFFSET + SIZES["note_type"]] = self.valid_types.to(scores.device)
+        else:
+            last_tick = generated[:, -2] - TICK_OFFSET if n >= 2 else torch.zeros(len(scores), dtype=torch.long)
+            ticks = self.tick_ids.to(scores.device)[None]
+            allowed[:, TICK_OFFSET:TICK_OFFSET + SIZES["tick"]] = (
+                (ticks >= last_tick.to(scores.device)[:, None]) & (ticks <= self.max_ticks.to(scores.device)[:, None]))
+            allowed[:, EOS] = True
+        finished = (generated == EOS).any(dim=1)
+        allowed[finished] = False
+        allowed[finished, PAD] = True
+        return scores.masked_fill(~allowed, float("-inf"))

@@ -1,0 +1,194 @@
+"""train.py and infer.py on tiny random models: the real Unsloth/TRL path on CPU, batched constrained generation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import data
+from conftest import click_song, make_map_zip, ogg_bytes, tiny_encodec_model
+
+BPM = 137.5
+
+
+def tiny_qwen(path, hidden=64, layers=2, seed=0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=14592, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                         max_position_embeddings=4096, tie_word_embeddings=True)
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def click_maps(directory, n_songs, n_beats=27, seed=0):
+    """n_songs map zips at BPM with clicks (and notes) on a random third of the quarter beats."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for s in range(n_songs):
+        grid = np.arange(0, n_beats, 0.25)
+        beats = np.sort(rng.choice(grid, len(grid) // 3, replace=False))
+        song = click_song(n_beats * 60 / BPM, beats * 60 / BPM, seed=s)
+        make_map_zip(os.path.join(directory, f"song{s}.zip"), BPM,
+                     {"Expert": [(float(b), 1, 0, 0, 1) for b in beats]}, ogg_bytes(song))
+    return str(directory)
+
+
+def train_args(tmp, maps_dir, model, encodec_dir, *extra):
+    import train
+    return train.parse_args([maps_dir, "--output_dir", str(tmp / "out"), "--model", model, "--audio_model", encodec_dir,
+                             "--chunk_duration", "4", "--cache_dir", str(tmp / "cache"), "--learning_rate", "1e-3",
+                             "--gradient_accumulation_steps", "2", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for a few steps through train.main, with the lengths every forward pass received."""
+    import train
+    tmp = tmp_path_factory.mktemp("train")
+    encodec_dir = str(tmp / "encodec")
+    tiny_encodec_model().save_pretrained(encodec_dir)
+    maps_dir = click_maps(tmp / "maps", 2)
+    model_dir = tiny_qwen(tmp / "qwen")
+    seen_lengths = []
+    args = train_args(tmp, maps_dir, model_dir, encodec_dir, "--max_steps", "4", "--save_steps", "2")
+
+    real_load_model = train.load_model
+
+    def load_and_watch(*a, **k):
+        model, tokenizer = real_load_model(*a, **k)
+        model.register_forward_pre_hook(lambda module, args, kwargs: seen_lengths.append(kwargs["input_ids"].shape[1]),
+                                        with_kwargs=True)
+        return model, tokenizer
+
+    train.load_model = load_and_watch
+    try:
+        trainer = train.main(args)
+    finally:
+        train.load_model = real_load_model
+    return {"tmp": tmp, "args": args, "trainer": trainer, "lengths": seen_lengths, "encodec_dir": encodec_dir,
+            "maps_dir": maps_dir, "model_dir": str(tmp / "out")}
+
+
+def test_training_sees_full_sequences(trained):
+    from audio import create_audio_tokenizer
+    from data import BeatDataset
+    from maps import ZippedBeatSaberDataset
+    dataset = BeatDataset(ZippedBeatSaberDataset(trained["maps_dir"]), chunk_duration=4.0,
+                          cache_dir=trained["tmp"] / "cache",
+                          audio_tokenizer=create_audio_tokenizer(model=trained["encodec_dir"], device="cpu"))
+    lengths = {len(x["input_ids"]) for x in dataset}
+    assert min(lengths) > 500                      # ~294 frames → ~590 audio tokens per 4 s chunk
+    # every forward pass got a whole sequence (batch size 1: no padding), never one cut to TRL's 1,024 default
+    assert trained["lengths"] and set(trained["lengths"]) <= lengths
+    assert trained["trainer"].state.global_step == 4
+
+
+def test_output_folder_has_model_tokenizer_metadata(trained):
+    out = trained["model_dir"]
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "beatgen.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    metadata = data.load_metadata(out)
+    assert metadata["frame_rate"] == 75.0 and metadata["chunk_duration"] == 4.0 and metadata["ppq"] == 48
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size >= data.VOCAB_USED   # plain transformers loads it
+
+
+def test_resume_continues_from_checkpoint(trained):
+    import train
+    args = train_args(trained["tmp"], trained["maps_dir"], trained["args"].model, trained["encodec_dir"],
+                      "--max_steps", "6", "--save_steps", "2", "--resume")
+    trainer = train.main(args)
+    history_steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 6
+    assert min(history_steps) == 1 and max(history_steps) == 6   # log history carried over from the checkpoint
+    assert os.path.isdir(os.path.join(trained["model_dir"], "checkpoint-6"))
+
+
+def test_metadata_errors(tmp_path):
+    with pytest.raises(ValueError, match="beatgen.json"):
+        data.load_metadata(tmp_path)
+    (tmp_path / "beatgen.json").write_text(json.dumps({"token_space_version": 99, "ppq": 48}))
+    with pytest.raises(ValueError, match="token space"):
+        data.load_metadata(tmp_path)
+    (tmp_path / "beatgen.json").write_text("{broken")
+    with pytest.raises(ValueError, match="unreadable"):
+        data.load_metadata(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def model_and_encodec(trained):
+    import infer
+    from audio import create_audio_tokenizer
+    return infer.load_model(trained["model_dir"], "cpu"), create_audio_tokenizer(model=trained["encodec_dir"],
+                                                                                 device="cpu")
+
+
+def test_grammar_every_generated_chunk_decodes(model_and_encodec):
+    import infer
+    model, encodec = model_and_encodec
+    torch.manual_seed(0)
+    prompts = [data.prompt_tokens(np.random.randint(0, 1024, (n, 2))) for n in (40, 25, 33)]
+    max_ticks = [95, 47, 200]
+    chunks = infer.generate_chunks(model, prompts, max_ticks, max_new_tokens=61, temperature=1.5, progress=False)
+    assert len(chunks) == 3 and sum(len(c) for c in chunks) > 0
+    for notes, max_tick in zip(chunks, max_ticks):
+        ticks = [tick for tick, _ in notes]
+        assert ticks == sorted(ticks) and all(0 <= t <= max_tick for t in ticks)
+        assert all(data.note_fields(type_)[3] <= 8 for _, type_ in notes)
+
+
+def test_batched_generation_equals_chunk_by_chunk(model_and_encodec):
+    import infer
+    model, _ = model_and_encodec
+    prompts = [data.prompt_tokens(np.random.default_rng(n).integers(0, 1024, (n, 2))) for n in (30, 18, 24)]
+    batched = infer.generate_chunks(model, prompts, [191] * 3, max_new_tokens=21, temperature=0, progress=False)
+    single = [infer.generate_chunks(model, [p], [191], max_new_tokens=21, temperature=0, progress=False)[0]
+              for p in prompts]
+    assert batched == single
+
+
+def test_generate_map_beats_inside_song(model_and_encodec):
+    import infer
+    model, encodec = model_and_encodec
+    song = click_song(9.0, np.arange(0.2, 9, 0.4))
+    torch.manual_seed(1)
+    notes = infer.generate_map(model, encodec, song, BPM, 4.0, temperature=1.0, progress=False)
+    assert notes == sorted(set(notes))
+    assert all(0 <= n.beat * 60 / BPM < 9.0 for n in notes)
+    assert all(0 <= n.x <= 3 and 0 <= n.y <= 2 and n.color in (0, 1) and 0 <= n.direction <= 8 for n in notes)
+    # shorter than one chunk, and silence: still a valid (maybe empty) list
+    assert isinstance(infer.generate_map(model, encodec, np.zeros(24000, np.float32), BPM, 4.0, progress=False), list)
+
+
+def test_infer_cli_writes_dat_and_zip(trained, tmp_path):
+    import infer
+    from maps import read_map
+    song_path = tmp_path / "song.wav"
+    soundfile.write(song_path, click_song(6.0, np.arange(0.5, 6, 0.5)), 24000)
+    dat = infer.main(infer.parse_args([trained["model_dir"], str(song_path), "--bpm", str(BPM), "--seed", "0",
+                                       "--output", str(tmp_path / "ExpertPlusStandard.dat")]))
+    difficulty = json.loads(open(dat).read())
+    assert difficulty["version"] == "3.3.0" and isinstance(difficulty["colorNotes"], list)
+    written = infer.main(infer.parse_args([trained["model_dir"], str(song_path), "--bpm", str(BPM), "--seed", "0",
+                                           "--output", str(tmp_path / "map.zip")]))
+    beatmap = read_map(written)
+    assert beatmap.bpm == BPM
+    notes = beatmap.difficulties[("Standard", "ExpertPlus")].notes
+    assert [(n.beat, n.x, n.y, n.color, n.direction) for n in notes] == \
+        [(n["b"], n["x"], n["y"], n["c"], n["d"]) for n in difficulty["colorNotes"]]
+
+
+def test_infer_cli_bad_inputs(trained, tmp_path):
+    import infer
+    not_audio = tmp_path / "notes.txt"
+    not_audio.write_text("hello")
+    with pytest.raises(ValueError, match="notes.txt"):
+        infer.main(infer.parse_args([trained["model_dir"], str(not_audio), "--bpm", "120"]))
+    with pytest.raises(ValueError, match="no such file"):
+        infer.main(infer.parse_args([trained["model_dir"], str(tmp_path / "missing.ogg"), "--bpm", "120"]))
+    with pytest.raises(ValueError, match="beatgen.json"):
+        infer.main(infer.parse_args([str(tmp_path), str(not_audio), "--bpm", "120"]))
