@@ -20,6 +20,8 @@ import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -340,12 +342,19 @@ def _gunzip(data: bytes) -> bytes:
 # ---- JSON values ----
 
 _JSON_TYPES = {"number": (int, float), "string": (str,), "list": (list,), "object": (dict,)}
+LARGEST_INT = 2**63               # JSON integers beyond ±this are refused: float() would overflow on huge ones
 
 
 def _json_type(value) -> str:
+    if type(value) is int and not -LARGEST_INT <= value <= LARGEST_INT:
+        return "an integer too large"
     names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "list",
              dict: "object"}
     return names.get(type(value), type(value).__name__)
+
+
+def _is_number(value) -> bool:
+    return type(value) is float or (type(value) is int and -LARGEST_INT <= value <= LARGEST_INT)
 
 
 def _field(obj, key, expected, default=0):
@@ -353,7 +362,7 @@ def _field(obj, key, expected, default=0):
 
     Exact types: JSON true/false are not numbers, null is not a list."""
     value = obj.get(key, default)
-    if type(value) not in _JSON_TYPES[expected]:
+    if type(value) not in _JSON_TYPES[expected] or (expected == "number" and not _is_number(value)):
         raise ValueError(f"{key} is {_json_type(value)}, expected {expected}")
     return value
 
@@ -361,21 +370,27 @@ def _field(obj, key, expected, default=0):
 def _objects(obj, key) -> list[dict]:
     """obj[key] as a list of JSON objects ([] when absent)."""
     items = _field(obj, key, "list", [])
-    for i, item in enumerate(items):
-        if type(item) is not dict:
-            raise ValueError(f"{key}[{i}] is {_json_type(item)}, expected object")
+    if set(map(type, items)) - {dict}:
+        i = next(i for i, item in enumerate(items) if type(item) is not dict)
+        raise ValueError(f"{key}[{i}] is {_json_type(items[i])}, expected object")
     return items
 
 
 def _numbers(items, list_name, keys) -> list[tuple]:
-    """[{key: number}, ...] → [(value per key, ...), ...]; absent keys are 0."""
-    rows = []
-    for i, item in enumerate(items):
-        row = tuple(item.get(key, 0) for key in keys)
-        for key, value in zip(keys, row):
-            if type(value) not in (int, float):
-                raise ValueError(f"{list_name}[{i}].{key} is {_json_type(value)}, expected number")
-        rows.append(row)
+    """[{key: number}, ...] → [(value per key, ...), ...]; absent keys are 0. len(keys) ≥ 2."""
+    try:
+        rows = list(map(itemgetter(*keys), items))
+    except KeyError:
+        rows = [tuple([item.get(key, 0) for key in keys]) for item in items]
+    # the common case checked at C speed: only ints and floats, none beyond ±LARGEST_INT (min/max skip a NaN
+    # unless it comes first, and then the comparison fails and the slow loop below decides)
+    values = list(chain.from_iterable(rows))
+    if (not set(map(type, values)) <= {int, float}
+            or (values and not -LARGEST_INT <= min(values) <= max(values) <= LARGEST_INT)):
+        for i, row in enumerate(rows):
+            for key, value in zip(keys, row):
+                if not _is_number(value):
+                    raise ValueError(f"{list_name}[{i}].{key} is {_json_type(value)}, expected number")
     return rows
 
 
@@ -484,9 +499,9 @@ def _audio_data_events(data, bpm) -> list[tuple[float, float]]:
         regions = _numbers(_objects(data, "bpmData"), "bpmData", ("si", "ei", "sb", "eb"))
     events = []
     for start_sample, end_sample, start_beat, end_beat in regions:
-        if not (frequency > 0 and end_sample > start_sample):
+        duration_s = (end_sample - start_sample) / frequency if frequency > 0 else 0.0
+        if not (math.isfinite(duration_s) and duration_s > 0):
             raise ValueError(f"BPM region of {end_sample - start_sample} samples at {frequency} Hz")
-        duration_s = (end_sample - start_sample) / frequency
         events.append((float(start_beat), (end_beat - start_beat) / duration_s * 60))
     if regions:
         events.append((float(regions[-1][3]), bpm))
@@ -607,11 +622,10 @@ def _note_problem(beat, x, y, color, direction):
 
 
 def _add_note(notes, dropped, beat, x, y, color, direction):
-    problem = _note_problem(beat, x, y, color, direction)
-    if problem:
-        dropped[problem] += 1
-    else:
+    if 0 <= beat < math.inf and x in LANES and y in LAYERS and color in COLORS and direction in DIRECTIONS:
         notes.append(Note(float(beat), int(x), int(y), int(color), int(direction)))
+    else:
+        dropped[_note_problem(beat, x, y, color, direction)] += 1
 
 
 def _add_chain(chains, dropped, beat, x, y, color, direction, tail_beat, tail_x, tail_y, segments, squish):
