@@ -307,9 +307,12 @@ def _read_bounded_file(path, limit) -> bytes:
 def _read_song(source, filename) -> bytes:
     try:
         with _MapFiles(source) as files:
-            return files.read(filename, MAX_AUDIO_BYTES)
+            try:
+                return files.read(filename, MAX_AUDIO_BYTES)
+            except ValueError as error:
+                raise ValueError(f"{filename or '(no song file name)'}: {error}") from None
     except ValueError as error:
-        raise ValueError(f"{source}: {filename or '(no song file name)'}: {error}") from None
+        raise ValueError(f"{source}: {error}") from None
 
 
 def _load_json(data: bytes):
@@ -542,7 +545,7 @@ def _parse_v2(data) -> dict:
             bombs += 1
         else:
             _add_note(notes, dropped, beat, x, y, kind, direction)
-    # events = [(type, {event}), ...]; type 100 with _floatValue = official BPM change (2.5.0+)
+    # tempo_events = [(beat, bpm), ...] from _events of _type 100 with a _floatValue (official BPM change, 2.5.0+)
     tempo_events = []
     for i, event in enumerate(_objects(data, "_events")):
         if event.get("_type") == 100 and "_floatValue" in event:
@@ -632,7 +635,8 @@ def _add_chain(chains, dropped, beat, x, y, color, direction, tail_beat, tail_x,
     # the tail has no direction of its own: 8 (any) lets _note_problem check only its beat and position
     problem = (_note_problem(beat, x, y, color, direction)
                or _note_problem(tail_beat, tail_x, tail_y, color, 8)
-               or (None if _index(segments, 10**6) and math.isfinite(squish) else "segments or squish out of range"))
+               or (None if segments >= 1 and float(segments).is_integer() and math.isfinite(squish)
+                   else "segments or squish out of range"))
     if problem:
         dropped["chain " + problem] += 1
     else:
@@ -648,7 +652,7 @@ class MapItem:
     characteristic: str
     difficulty: str
     bpm: float                 # Info BPM; the map has no tempo changes
-    notes: list[Note]          # colour notes sorted by beat (chain segments not included)
+    notes: list[Note]          # colour notes sorted by (beat, x, y, color, direction); chain segments not included
     audio_filename: str        # the song file's name inside the map
 
     def read_audio(self) -> bytes:

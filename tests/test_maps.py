@@ -294,6 +294,16 @@ def test_bom_gzip_case_insensitive_names_and_defaulted_fields(tmp_path):
     assert beatmap.difficulties[("Standard", "Hard")].notes == [Note(1.0, 0, 0, 0, 0)]
 
 
+def test_chains_v3(tmp_path):
+    chains = [{"b": 1, "x": 1, "c": 1, "d": 1, "tb": 1.5, "tx": 1, "ty": 2, "sc": 5, "s": 0.8},
+              {"b": 2, "sc": 0, "s": 1}, {"b": 3, "ty": 3, "sc": 3, "s": 1}]
+    difficulty = {"version": "3.3.0", "colorNotes": [{"b": 1, "x": 1, "c": 1, "d": 1}], "burstSliders": chains}
+    expert = read_map(write_map(tmp_path / "map.zip", v2_info(EXPERT), {"Expert.dat": difficulty})).difficulties[
+        ("Standard", "Expert")]
+    assert expert.chains == [maps.Chain(1.0, 1, 0, 1, 1, 1.5, 1, 2, 5, 0.8)]
+    assert expert.dropped == Counter({"chain segments or squish out of range": 1, "chain y out of range": 1})
+
+
 def test_unrepresentable_notes_are_dropped_and_counted(tmp_path):
     v2 = {"_version": "2.2.0", "_notes": [
         {"_time": 1, "_lineIndex": 1, "_lineLayer": 0, "_type": 0, "_cutDirection": 1},
@@ -368,6 +378,9 @@ def test_bad_maps_raise_value_error_naming_file_and_reason(tmp_path, content, re
 def test_missing_path_and_size_limits(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no such file or folder"):
         read_map(tmp_path / "nothing.zip")
+    no_song = write_map(tmp_path / "no_song.zip", v2_info(EXPERT), {"Expert.dat": v3_difficulty([])})
+    with pytest.raises(ValueError, match=f"^{no_song}: song.egg: file missing$"):
+        read_map(no_song).read_audio()
     path = write_map(tmp_path / "map.zip", v2_info(EXPERT), {"Expert.dat": v3_difficulty([(1, 1, 1, 1, 1)]),
                                                              "song.egg": bytes(5000)})
     monkeypatch.setattr(maps, "MAX_AUDIO_BYTES", 4999)
