@@ -44,6 +44,7 @@ TEMPO_STEPS = 1201               # candidate tempi in that range (0.01 % apart)
 TEMPO_HARMONICS = 4              # beat-rate multiples summed by the periodicity fit
 ONSET_HOP_S, ONSET_FRAME_S = 0.0025, 0.02   # short frames for onset times (≈ 3 ms late on clicks)
 ONSET_MELS = 40                  # mel bands of those short frames (more leave bands empty)
+ONSET_SPLIT_HZ = 250             # onsets below (kick, bass) and above weigh the same in the beat phase
 BEAT_WINDOW = 1 / 10             # onsets within this many beats of the grid fit the final line
 DOWNLOADABLE = {".ogg", ".egg", ".mp3", ".wav", ".flac", ".opus"}   # what audio.load_audio decodes without ffmpeg
 
@@ -101,14 +102,16 @@ def write_map(out_path, notes, bpm, song_path, difficulty="ExpertPlus", lead_in_
 
 
 def _check_notes(notes, song_beats):
-    """Raise ValueError naming the first note outside the song (0..song_beats) or off the 4x3 grid, colours, directions."""
+    """Raise ValueError naming the first note outside the song (beat 0..song_beats) or with x, y, color or direction
+    out of range."""
     for i, (beat, x, y, color, direction) in enumerate(notes):
         if not (math.isfinite(beat) and 0 <= beat <= song_beats):
             raise ValueError(f"note {i} {tuple(notes[i])}: beat {beat} is outside the song (0..{song_beats:.3f} beats)")
         for name, value, allowed in (("x", x, range(4)), ("y", y, range(3)), ("color", color, range(2)),
                                      ("direction", direction, range(9))):
             if value not in allowed:
-                raise ValueError(f"note {i} {tuple(notes[i])}: {name} {value} is not in {allowed.start}..{allowed.stop - 1}")
+                raise ValueError(f"note {i} {tuple(notes[i])}: {name} {value} is not in "
+                                 f"{allowed.start}..{allowed.stop - 1}")
 
 
 def _difficulty_v3(notes) -> dict:
@@ -234,6 +237,7 @@ def _write_atomic(path, data):
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
+        os.chmod(temporary, 0o644)   # mkstemp makes the file private; a map is for everyone to read
         with os.fdopen(handle, "wb") as out:
             out.write(data)
         os.replace(temporary, path)
@@ -243,7 +247,8 @@ def _write_atomic(path, data):
 
 
 def chains_to_notes(difficulty) -> list[Note]:
-    """maps.Difficulty → its colour notes plus the notes its chains stand for, sorted by (beat, x, y, color, direction).
+    """maps.Difficulty → its colour notes plus the notes its chains stand for, sorted by (beat, x, y, color,
+    direction).
 
     A chain of n = segments pieces (head included) gives its head note and pieces i = 1..n-1 at fraction
     f = i / (n - 1) from head to tail: beat = head beat + f * (tail beat - head beat), (x, y) = head + f * squish *
@@ -272,7 +277,8 @@ def snap_notes(notes, divisions=(1, 2, 3, 4, 6, 8), tolerance_beats=1 / 32) -> l
 
     The default tolerance (1/32 beat: 16 ms at 120 BPM) pulls a note one 1/48 tick off a 1/8 or 1/6 grid onto it
     and leaves 1/12, 1/16 and 1/24 notes where they are. Notes that end up at the same (beat, x, y) are one: the
-    one that moved least stays (the earliest in the input on a tie). Returns them sorted by (beat, x, y, color, direction).
+    one that moved least stays (the earliest in the input on a tie). Returns them sorted by (beat, x, y, color,
+    direction).
     """
     # kept = {(beat, x, y): (beats moved, Note)}
     kept = {}
@@ -290,15 +296,17 @@ def snap_notes(notes, divisions=(1, 2, 3, 4, 6, 8), tolerance_beats=1 / 32) -> l
 def estimate_beat(audio, sample_rate) -> tuple[float, float]:
     """Tempo and beat phase of a song at one steady tempo.
 
-    audio = (samples,) float mono at sample_rate Hz → (bpm, first_beat_s). The beat grid is first_beat_s + k * 60 / bpm
-    (k = 0, 1, ...) seconds; first_beat_s is its first time ≥ 0, so 0 ≤ first_beat_s < 60 / bpm (the grid may start
-    in an intro before the music's first beat). lead_in_for_beat(bpm, first_beat_s) gives the silence to put in
-    front of the song so that written beats fall on this grid.
-    bpm is librosa's tempo estimate refined — and inherits its octave: it can be half or double the tempo a
-    person would tap (librosa prefers tempi near 120):
-      1. periodicity fit: the bpm within ±6 % that maximises Σ_k |DFT of librosa's onset envelope at k·bpm/60 Hz|, k = 1..4;
-      2. the grid offset (1 ms steps) whose beats collect the most onset strength (short frames) places the grid;
-      3. a least-squares line t = first_beat_s + k * 60 / bpm through librosa's onsets within 1/10 beat of the grid.
+    audio = (samples,) float mono at sample_rate Hz → (bpm, first_beat_s). The beat grid is
+    first_beat_s + k * 60 / bpm seconds, k = 0, 1, ...; first_beat_s is its first time ≥ 0 (0 ≤ first_beat_s <
+    60 / bpm), so the grid may start in an intro before the music's first beat. lead_in_for_beat(bpm, first_beat_s)
+    is the silence to put in front of the song so that whole beats of the written song fall on this grid.
+    bpm is librosa's tempo estimate, refined, and keeps its octave: it can be half or double the tempo a person
+    would tap (librosa prefers tempi near 120 BPM). The refinement:
+      1. periodicity fit: the bpm within ±6 % that maximises Σ_k |DFT of librosa's onset envelope at k·bpm/60 Hz|
+         over k = 1..4;
+      2. the grid offset (1 ms steps) whose beats collect the most onset strength, measured in short frames with
+         the bands below and above 250 Hz weighing the same (a kick on the beat outweighs louder hi-hats off it);
+      3. a least-squares line t = first_beat_s + k * 60 / bpm through librosa's onsets within 1/10 beat of that grid.
     Raises ValueError when there is no beat to find (silence, a few seconds of audio).
     """
     audio = np.asarray(audio, dtype=np.float32)
@@ -314,10 +322,14 @@ def estimate_beat(audio, sample_rate) -> tuple[float, float]:
     strength = [sum(abs(np.exp(-2j * np.pi * k * bpm / 60 * frame_s) @ envelope) for k in range(1, TEMPO_HARMONICS + 1))
                  for bpm in bpms]
     period_s = 60 / bpms[int(np.argmax(strength))]
-    # sharp = (frames,) onset strength at hop samples per frame, frame times sharp_s
+    # bands = (2, frames) onset strength below / above ONSET_SPLIT_HZ at hop samples per frame (frame times sharp_s);
+    # sharp = (frames,) their sum, each scaled to unit variance: a kick on the beat outweighs louder hi-hats between
     hop = round(ONSET_HOP_S * sample_rate)
-    sharp = librosa.onset.onset_strength(y=audio, sr=sample_rate, hop_length=hop, n_mels=ONSET_MELS,
-                                         n_fft=2 ** round(math.log2(ONSET_FRAME_S * sample_rate)))
+    split = int(np.searchsorted(librosa.mel_frequencies(ONSET_MELS + 2, fmax=sample_rate / 2)[1:-1], ONSET_SPLIT_HZ))
+    bands = librosa.onset.onset_strength_multi(y=audio, sr=sample_rate, hop_length=hop, n_mels=ONSET_MELS,
+                                               n_fft=2 ** round(math.log2(ONSET_FRAME_S * sample_rate)),
+                                               channels=[0, max(split, 1), ONSET_MELS])
+    sharp = sum((band - band.mean()) / (band.std() + 1e-12) for band in bands)
     sharp_s = np.arange(len(sharp)) * hop / sample_rate
     # offsets_s = (candidates,) grid starts 1 ms apart; comb = (candidates,) onset strength summed on each grid's beats
     offsets_s = np.arange(0, period_s, 0.001)
@@ -334,7 +346,8 @@ def estimate_beat(audio, sample_rate) -> tuple[float, float]:
 
 def lead_in_for_beat(bpm, first_beat_s) -> float:
     """Seconds of silence to put in front of a song so that its beat grid (estimate_beat's first_beat_s + k * 60 / bpm)
-    lands on whole beats of the written song: (first_beat_s + lead_in_s) * bpm / 60 is a whole number. In [0, 60 / bpm)."""
+    lands on whole beats of the written song: (first_beat_s + lead_in_s) * bpm / 60 is a whole number.
+    In [0, 60 / bpm)."""
     period_s = 60 / bpm
     return (period_s - first_beat_s % period_s) % period_s
 
@@ -355,7 +368,7 @@ def download_audio(url, out_dir) -> str:
     has_ffmpeg = shutil.which("ffmpeg") is not None
     options = {
         "format": "bestaudio/best",
-        "outtmpl": os.path.join(os.fspath(out_dir), "%(title).100B [%(id)s].%(ext)s"),
+        "outtmpl": os.path.join(os.fspath(out_dir), "%(title).100B.%(ext)s"),   # the stem is write_map's fallback name
         "noplaylist": True,
         "quiet": True,
         "no_warnings": True,
