@@ -17,6 +17,7 @@ import librosa
 import mutagen
 import mutagen.oggvorbis
 import numpy as np
+import scipy.signal
 import soundfile
 import yt_dlp
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -316,14 +317,14 @@ def estimate_beat(audio, sample_rate) -> tuple[float, float]:
     if not (envelope.any() and coarse_bpm > 0):
         raise ValueError("no beat found: the audio is silent or too short")
     envelope = envelope - envelope.mean()
-    frame_s = np.arange(len(envelope)) * TEMPO_HOP / sample_rate
-    # bpms = (TEMPO_STEPS,) candidate tempi; strength = (TEMPO_STEPS,) summed DFT magnitudes at their harmonics
+    # bpms = (TEMPO_STEPS,) candidate tempi, evenly spaced; strength = (TEMPO_STEPS,) Σ_k |DFT at k * bpm / 60 Hz|
     bpms = coarse_bpm * np.linspace(1 - TEMPO_SEARCH, 1 + TEMPO_SEARCH, TEMPO_STEPS)
-    strength = [sum(abs(np.exp(-2j * np.pi * k * bpm / 60 * frame_s) @ envelope) for k in range(1, TEMPO_HARMONICS + 1))
-                 for bpm in bpms]
+    strength = sum(np.abs(scipy.signal.zoom_fft(envelope, [k * bpms[0] / 60, k * bpms[-1] / 60], m=TEMPO_STEPS,
+                                                fs=sample_rate / TEMPO_HOP, endpoint=True))
+                   for k in range(1, TEMPO_HARMONICS + 1))
     period_s = 60 / bpms[int(np.argmax(strength))]
     # bands = (2, frames) onset strength below / above ONSET_SPLIT_HZ at hop samples per frame (frame times sharp_s);
-    # sharp = (frames,) their sum, each scaled to unit variance: a kick on the beat outweighs louder hi-hats between
+    # sharp = (frames,) their sum, each scaled to unit variance: a kick on the beat outweighs louder hi-hats off it
     hop = round(ONSET_HOP_S * sample_rate)
     split = int(np.searchsorted(librosa.mel_frequencies(ONSET_MELS + 2, fmax=sample_rate / 2)[1:-1], ONSET_SPLIT_HZ))
     bands = librosa.onset.onset_strength_multi(y=audio, sr=sample_rate, hop_length=hop, n_mels=ONSET_MELS,

@@ -14,6 +14,7 @@ import threading
 import zipfile
 from pathlib import Path
 
+import mutagen.easyid3
 import mutagen.oggvorbis
 import numpy as np
 import pytest
@@ -137,6 +138,18 @@ def test_dat_only_and_given_names_and_cover(tmp_path):
     assert (info["_songName"], info["_songAuthorName"]) == ("Name", "By")
 
 
+def test_mp3_with_id3_tags_becomes_vorbis(tmp_path):
+    song = write_song(tmp_path / "song.mp3", duration_s=4)
+    tags = mutagen.easyid3.EasyID3()
+    tags.update({"title": "Mp3 Title", "artist": "Mp3 Artist"})
+    tags.save(song)
+    folder = Path(utils.write_map(tmp_path / "map", some_notes(6), BPM, song, lead_in_s=0.1))
+    beat_map = maps.read_map(folder)
+    assert (beat_map.song_name, beat_map.song_author) == ("Mp3 Title", "Mp3 Artist")
+    assert load_audio(beat_map.read_audio()).size == pytest.approx(4.1 * RATE, rel=0.01)
+    assert beatsaver_problems(folder) == []
+
+
 @pytest.mark.parametrize("bad, named", [
     (Note(-0.5, 0, 0, 0, 1), "beat -0.5"),
     (Note(9.0, 0, 0, 0, 1), "beat 9.0 is outside the song"),       # 4 s at 120 BPM = 8 beats
@@ -173,7 +186,8 @@ def test_bsmap_loads_our_map_with_strict_schema_checks(tmp_path, request):
     """The community's map library (npm bsmap, KivalEvan/BeatSaber-JSMap) validates Info.dat and the difficulty."""
     if not (shutil.which("node") and shutil.which("npm")):
         pytest.skip("node/npm not installed")
-    modules = request.config.cache.mkdir("bsmap-2.2.9")
+    cache = getattr(request.config, "cache", None)     # .pytest_cache keeps the install between runs
+    modules = cache.mkdir("bsmap-2.2.9") if cache else tmp_path / "bsmap"
     if not (modules / "node_modules" / "bsmap").is_dir():
         install = subprocess.run(["npm", "install", "--prefix", str(modules), "--no-save", "--no-audit", "--no-fund",
                                   "bsmap@2.2.9"], capture_output=True, text=True, timeout=120)
