@@ -11,6 +11,7 @@ range, Mapping Extensions precision values) is dropped and counted in Difficulty
 Absent fields default to 0, as the game's deserialiser does (v3 ≥ 3.3.0 and v4 omit defaults on purpose).
 """
 
+import hashlib
 import json
 import logging
 import math
@@ -128,10 +129,7 @@ def _read_map(path) -> tuple[BeatMap, bool]:
 def _read_files(files, source) -> BeatMap:
     # info = the Info.dat JSON object; head = {BeatMap field: value} for the scalar fields
     try:
-        info = _load_json(files.read(files.info_name, MAX_DAT_BYTES))
-        if type(info) is not dict:
-            raise ValueError(f"top level is {_json_type(info)}, expected object")
-        head, entries, audio_data_filename = _parse_info(info)
+        head, entries, audio_data_filename = _parse_info(_load_json(files.read(files.info_name, MAX_DAT_BYTES)))
     except ValueError as error:
         raise ValueError(f"{files.info_name}: {error}") from None
 
@@ -151,6 +149,35 @@ def _read_files(files, source) -> BeatMap:
         except ValueError as error:
             broken[key] = f"{entry.filename}: {error}"
     return BeatMap(source=source, difficulties=difficulties, broken=broken, **head)
+
+
+def level_hash(path) -> str:
+    """A map .zip or folder → BeatSaver's version hash (SongCore's level hash), 40 lowercase hex digits.
+
+    SHA-1 over the bytes of Info.dat, then of each file Info.dat lists, in Info order: v2 Info, every
+    _beatmapFilename set by set; v4 Info, audioDataFilename, then each difficulty's beatmapDataFilename and
+    lightshowDataFilename (a file listed twice is hashed twice). Names are matched as by read_map (ignoring
+    case); a listed file the map lacks, or an empty name, is skipped. Only these names are read from Info.dat, so
+    a map read_map refuses (no BPM, say) still has a hash. ValueError("<path>: <reason>") on bad input.
+    """
+    source = os.fspath(path)
+    try:
+        with _MapFiles(source) as files:
+            info_bytes = files.read(files.info_name, MAX_DAT_BYTES)
+            try:
+                names = _hashed_files(_load_json(info_bytes))
+            except ValueError as error:
+                raise ValueError(f"{files.info_name}: {error}") from None
+            sha1 = hashlib.sha1(info_bytes)
+            for name in names:
+                if name and files.find(name) is not None:
+                    try:
+                        sha1.update(files.read(name, MAX_DAT_BYTES))
+                    except ValueError as error:
+                        raise ValueError(f"{name}: {error}") from None
+            return sha1.hexdigest()
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 def _read_difficulty(files, entry, bpm, tempo_events) -> Difficulty:
@@ -407,14 +434,36 @@ def _strings(obj, key) -> list[str]:
 
 # ---- Info.dat ----
 
+def _info_major(info) -> str:
+    """Info.dat JSON → "2" or "4", told by its keys."""
+    if type(info) is not dict:
+        raise ValueError(f"top level is {_json_type(info)}, expected object")
+    if "_version" in info or "_difficultyBeatmapSets" in info:
+        return "2"
+    if "version" in info or "difficultyBeatmaps" in info:
+        return "4"
+    raise ValueError("neither a v2 nor a v4 Info.dat (Info 1.x is not supported)")
+
+
+def _hashed_files(info) -> list[str]:
+    """Info.dat JSON → the file names level_hash reads after Info.dat, in order ("" where a name is absent)."""
+    if _info_major(info) == "2":
+        return [_field(beatmap, "_beatmapFilename", "string", "")
+                for beatmap_set in _objects(info, "_difficultyBeatmapSets")
+                for beatmap in _objects(beatmap_set, "_difficultyBeatmaps")]
+    names = [_field(_field(info, "audio", "object", {}), "audioDataFilename", "string", "")]
+    for beatmap in _objects(info, "difficultyBeatmaps"):
+        names += [_field(beatmap, "beatmapDataFilename", "string", ""),
+                  _field(beatmap, "lightshowDataFilename", "string", "")]
+    return names
+
+
 def _parse_info(info) -> tuple[dict, list[_InfoEntry], str]:
     """Info.dat JSON → ({BeatMap field: value}, [_InfoEntry], AudioData file name or "" when none applies)."""
-    if "_version" in info or "_difficultyBeatmapSets" in info:
+    if _info_major(info) == "2":
         head, entries, audio_data_filename = _parse_info_v2(info)
-    elif "version" in info or "difficultyBeatmaps" in info:
-        head, entries, audio_data_filename = _parse_info_v4(info)
     else:
-        raise ValueError("neither a v2 nor a v4 Info.dat (Info 1.x is not supported)")
+        head, entries, audio_data_filename = _parse_info_v4(info)
     if not (math.isfinite(head["bpm"]) and head["bpm"] > 0):
         raise ValueError(f"BPM {head['bpm']} is not a positive number")
     if not math.isfinite(head["song_time_offset_s"]):
@@ -652,7 +701,8 @@ class MapItem:
     characteristic: str
     difficulty: str
     bpm: float                 # Info BPM; the map has no tempo changes
-    notes: list[Note]          # colour notes sorted by (beat, x, y, color, direction); chain segments not included
+    notes: list[Note]          # colour notes sorted by (beat, x, y, color, direction); with the dataset's
+                               # chain_notes, also each chain's head and segment notes (utils.chains_to_notes)
     audio_filename: str        # the song file's name inside the map
 
     def read_audio(self) -> bytes:
@@ -663,12 +713,20 @@ class MapItem:
 class ZippedBeatSaberDataset:
     """One MapItem per usable (map, difficulty) in a directory of map zips (and map folders)."""
 
-    def __init__(self, directory, characteristic="Standard", difficulties=("Expert", "ExpertPlus")):
+    def __init__(self, directory, characteristic="Standard", difficulties=("Expert", "ExpertPlus"),
+                 chain_notes=False):
         """directory: holds *.zip maps and/or map folders with an Info.dat. Unusable maps and difficulties are
-        skipped, logged (one line each: path and reason) and counted in self.skipped[reason]."""
+        skipped, logged (one line each: path and reason) and counted in self.skipped[reason].
+        chain_notes: MapItem.notes also holds the notes each chain stands for (head + segments); off by default."""
         self.directory = Path(directory)
         self.characteristic = characteristic
         self.difficulties = tuple(difficulties)
+        # chains_to_notes = utils.chains_to_notes (Difficulty → [Note]) or None. Parsing stays here, conversion in
+        # utils.py, imported only when asked for (utils imports maps); it runs once per difficulty while reading.
+        self.chains_to_notes = None
+        if chain_notes:
+            from utils import chains_to_notes
+            self.chains_to_notes = chains_to_notes
         # skipped = {reason: number of maps or difficulties skipped for it}
         self.skipped = Counter()
         # items = [MapItem, ...]; each keeps its notes (~100 bytes a note, ~0.1 MB a difficulty): simple, and fine
@@ -715,8 +773,12 @@ class ZippedBeatSaberDataset:
             if reason:
                 self._skip(where, reason)
                 continue
+            notes = self.chains_to_notes(difficulty) if self.chains_to_notes else difficulty.notes
+            if not notes:
+                self._skip(where, "no notes")
+                continue
             items.append(MapItem(source=beatmap.source, characteristic=key[0], difficulty=key[1], bpm=beatmap.bpm,
-                                 notes=difficulty.notes, audio_filename=beatmap.song_filename))
+                                 notes=notes, audio_filename=beatmap.song_filename))
         return items
 
 
@@ -729,8 +791,6 @@ def _difficulty_problem(difficulty):
             return f"requires {requirement}"
     if difficulty.dropped:
         return "dropped notes"
-    if not difficulty.notes:
-        return "no notes"
     return None
 
 

@@ -15,7 +15,6 @@ OUT_DIR after a download:
 A run stops once OUT_DIR holds --count accepted maps, so rerunning the same command resumes a killed run.
 """
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -46,7 +45,6 @@ USER_AGENT = "beatgen-scrape/0.1.0 (Beat Saber map dataset builder{contact})"
 DB_NAME = "maps.sqlite"
 DB_FORMAT = 1                   # bumped when the `maps` table or the record layout changes
 RETRY_STATUS = (429, 500, 502, 503, 504)
-MOD_REQUIREMENTS = {"Noodle Extensions", "Mapping Extensions", "Vivify"}
 # criteria as checked: the metadata record's, then the zip's; a rejected map counts under the first it fails
 REASONS = ("ai_made", "low_score", "few_upvotes", "no_wanted_difficulty", "mods", "duration", "nps",
            "parity_errors", "unreadable", "bpm_changes", "song_offset")
@@ -191,7 +189,7 @@ def zip_reason(path, c):
     diffs = [d for key, d in beatmap.difficulties.items() if c.wanted(*key)]
     if not diffs:
         return "no_wanted_difficulty"
-    if not c.allow_mods and any(MOD_REQUIREMENTS.intersection(d.requirements) for d in diffs):
+    if not c.allow_mods and any(r in maps.UNSUPPORTED_REQUIREMENTS for d in diffs for r in d.requirements):
         return "mods"
     if not c.allow_bpm_changes and any(d.bpm_changes for d in diffs):
         return "bpm_changes"
@@ -233,36 +231,6 @@ def write_atomic(path, text):
 
 # ---- zips ----
 
-def level_hash(zf):
-    """BeatSaver's version hash of an open ZipFile: SHA-1 over Info.dat then the files it lists (SongCore's rule).
-
-    v2 Info: every _beatmapFilename in order; v4 Info: audioDataFilename, then each difficulty's
-    beatmapDataFilename and lightshowDataFilename; files missing from the zip are skipped."""
-    # names = {lower-case member name: member name}, BeatSaver finds files case-insensitively
-    names = {n.lower(): n for n in zf.namelist()}
-    info_names = [n for n in zf.namelist() if n.lower().rsplit("/", 1)[-1] == "info.dat"]
-    if not info_names:
-        raise ValueError("no Info.dat")
-    info_name = min(info_names, key=len)
-    folder = info_name[:-len("info.dat")]
-    info_bytes = zf.read(info_name)
-    try:
-        info = json.loads(info_bytes.decode("utf-8-sig"))
-        if "_difficultyBeatmapSets" in info:
-            files = [b["_beatmapFilename"] for s in info["_difficultyBeatmapSets"] for b in s["_difficultyBeatmaps"]]
-        else:
-            files = [info["audio"]["audioDataFilename"]] + [
-                f for b in info["difficultyBeatmaps"] for f in (b["beatmapDataFilename"], b["lightshowDataFilename"])]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"Info.dat unreadable ({type(e).__name__}: {e})") from None
-    sha1 = hashlib.sha1(info_bytes)
-    for name in files:
-        member = names.get((folder + str(name)).lower())
-        if member:
-            sha1.update(zf.read(member))
-    return sha1.hexdigest()
-
-
 def check_zip(path, expected_hash, max_unzipped_bytes=0):
     """Raise MapFault unless path is an intact zip whose level hash is expected_hash."""
     try:
@@ -273,7 +241,7 @@ def check_zip(path, expected_hash, max_unzipped_bytes=0):
             bad_member = zf.testzip()
             if bad_member:
                 raise MapFault("bad_zip", f"CRC error in {bad_member}")
-            found_hash = level_hash(zf)
+        found_hash = maps.level_hash(path)
     except MapFault:
         raise
     except (zipfile.BadZipFile, ValueError, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
@@ -550,7 +518,7 @@ def add_criteria_args(p):
     p.add_argument("--difficulties", default=",".join(d.difficulties),
                    help=f"comma list, a map needs at least one (default {','.join(d.difficulties)}); '' = any")
     p.add_argument("--allow_mods", action="store_true",
-                   help="keep wanted difficulties needing Noodle Extensions, Mapping Extensions or Vivify "
+                   help=f"keep wanted difficulties needing any of {', '.join(maps.UNSUPPORTED_REQUIREMENTS)} "
                         "(default: dropped)")
     p.add_argument("--allow_bpm_changes", action="store_true",
                    help="keep maps whose wanted difficulties change BPM (default: dropped; needs the zip)")

@@ -2,6 +2,7 @@
 its JSON, facts filters rely on, malformed input (only ValueError may come out), and ZippedBeatSaberDataset."""
 
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -488,6 +489,27 @@ def test_truncated_and_corrupted_zips(tmp_path, small_map_zip, cut, flip):
             assert str(error).startswith(f"{path}: song.egg: ")
 
 
+def test_level_hash_v2_and_v4(tmp_path):
+    info2 = json.dumps({"_difficultyBeatmapSets": [{"_difficultyBeatmaps": [
+        {"_beatmapFilename": "ExpertStandard.dat"}, {"_beatmapFilename": "Missing.dat"},
+        {"_beatmapFilename": "HardStandard.dat"}]}]}).encode()
+    path = tmp_path / "v2.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in {"info.dat": info2, "hardstandard.dat": b"H", "ExpertStandard.dat": b"E",
+                           "song.egg": b"x"}.items():
+            archive.writestr(name, data)
+    assert maps.level_hash(path) == hashlib.sha1(info2 + b"E" + b"H").hexdigest()
+    info4 = json.dumps({"audio": {"audioDataFilename": "AudioData.dat"}, "difficultyBeatmaps": [
+        {"beatmapDataFilename": "Easy.dat", "lightshowDataFilename": "Lights.dat"},
+        {"beatmapDataFilename": "Hard.dat", "lightshowDataFilename": "Lights.dat"}]}).encode()
+    files = {"AudioData.dat": b"A", "Easy.dat": b"e", "Hard.dat": b"h", "Lights.dat": b"L"}
+    expected = hashlib.sha1(info4 + b"A" + b"e" + b"L" + b"h" + b"L").hexdigest()
+    assert maps.level_hash(write_map(tmp_path / "v4.zip", info4, files)) == expected
+    assert maps.level_hash(write_map(tmp_path / "v4_folder", info4, files)) == expected
+    with pytest.raises(ValueError, match=r"bad: Info.dat: top level is list"):
+        maps.level_hash(write_map(tmp_path / "bad", b"[]", {}))
+
+
 # ---- ZippedBeatSaberDataset ----
 
 def test_dataset_keeps_usable_difficulties_and_counts_skips(tmp_path, caplog):
@@ -535,3 +557,14 @@ def test_dataset_other_characteristic_and_difficulties(tmp_path):
     assert len(dataset) == 1 and dataset[0].difficulty == "Hard" and not dataset.skipped
     with pytest.raises(ValueError, match="not a directory"):
         ZippedBeatSaberDataset(tmp_path / "a.zip")
+
+
+def test_dataset_chain_notes(tmp_path):
+    # a chain of 3 pieces from (1, 0) at beat 2 to (1, 2) at beat 3, its head under a colour note
+    difficulty = v3_difficulty([(1, 0, 0, 0, 1), (2, 1, 0, 1, 1)])
+    difficulty["burstSliders"] = [{"b": 2, "x": 1, "y": 0, "c": 1, "d": 1, "tb": 3, "tx": 1, "ty": 2, "sc": 3, "s": 1}]
+    write_map(tmp_path / "chain.zip", v2_info(EXPERT), {"Expert.dat": difficulty, "song.egg": b"x"})
+    plain = ZippedBeatSaberDataset(tmp_path)
+    assert plain[0].notes == [Note(1.0, 0, 0, 0, 1), Note(2.0, 1, 0, 1, 1)]
+    with_chains = ZippedBeatSaberDataset(tmp_path, chain_notes=True)
+    assert with_chains[0].notes == plain[0].notes + [Note(2.5, 1, 1, 1, 1), Note(3.0, 1, 2, 1, 1)]

@@ -71,7 +71,7 @@ def zip_map(folder, info_edit=None):
     """A map folder → (zip bytes, BeatSaver version hash). The zip holds the folder's files plus a small fake song
     under Info's _songFilename; info_edit(info dict) may change Info.dat first.
 
-    The hash follows SongCore's rule, written out here independently of scrape.level_hash:
+    The hash follows SongCore's rule, written out here independently of maps.level_hash:
     SHA-1 of Info.dat's bytes followed by each _beatmapFilename's bytes in Info order."""
     info_path = next(p for p in folder.iterdir() if p.name.lower() == "info.dat")
     info_bytes = info_path.read_bytes()
@@ -372,21 +372,6 @@ def make_zip(files):
         for name, data in files.items():
             zf.writestr(name, data)
     return buffer.getvalue()
-
-
-def test_level_hash_v2_and_v4(tmp_path):
-    info2 = json.dumps({"_difficultyBeatmapSets": [{"_difficultyBeatmaps": [
-        {"_beatmapFilename": "ExpertStandard.dat"}, {"_beatmapFilename": "Missing.dat"},
-        {"_beatmapFilename": "HardStandard.dat"}]}]}).encode()
-    with zipfile.ZipFile(io.BytesIO(make_zip({"info.dat": info2, "hardstandard.dat": b"H", "ExpertStandard.dat": b"E",
-                                              "song.egg": b"x"}))) as zf:
-        assert scrape.level_hash(zf) == hashlib.sha1(info2 + b"E" + b"H").hexdigest()
-    info4 = json.dumps({"audio": {"audioDataFilename": "AudioData.dat"}, "difficultyBeatmaps": [
-        {"beatmapDataFilename": "Easy.dat", "lightshowDataFilename": "Lights.dat"},
-        {"beatmapDataFilename": "Hard.dat", "lightshowDataFilename": "Lights.dat"}]}).encode()
-    files = {"Info.dat": info4, "AudioData.dat": b"A", "Easy.dat": b"e", "Hard.dat": b"h", "Lights.dat": b"L"}
-    with zipfile.ZipFile(io.BytesIO(make_zip(files))) as zf:
-        assert scrape.level_hash(zf) == hashlib.sha1(info4 + b"A" + b"e" + b"L" + b"h" + b"L").hexdigest()
 
 
 def test_check_zip_rejects_bad_files(tmp_path):
