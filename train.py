@@ -62,7 +62,7 @@ def main(args):
     from maps import ZippedBeatSaberDataset
 
     audio_tokenizer = create_audio_tokenizer(bandwidth=args.bandwidth, model=args.audio_model)
-    maps = ZippedBeatSaberDataset(args.maps_dir)
+    maps = ZippedBeatSaberDataset(args.maps_dir, difficulties=args.difficulties, chain_notes=args.chain_notes)
     beat_dataset = BeatDataset(maps, chunk_duration=args.chunk_duration, max_seq_length=args.max_seq_length,
                                cache_dir=args.cache_dir, audio_tokenizer=audio_tokenizer)
     if args.max_samples:
@@ -129,6 +129,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_seq_length", type=int, default=32767, help="longer chunks are skipped, never cut")
     parser.add_argument("--cache_dir", default=None, help="audio-code cache (default ~/.cache/beatgen/audio_codes)")
     parser.add_argument("--max_samples", type=int, default=0, help="train on the first N chunks only; 0: all")
+    parser.add_argument("--difficulties", nargs="+", default=["Expert", "ExpertPlus"],
+                        help="Standard difficulties to train on")
+    parser.add_argument("--chain_notes", action="store_true", help="also train on the notes v3 chains stand for")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
     parser.add_argument("--report_to", default="none", help="'none', 'tensorboard', 'wandb', ...")
     return parser.parse_args(argv)
