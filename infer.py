@@ -87,10 +87,11 @@ def generate_chunks(model, prompts, max_ticks, max_new_tokens, temperature=0.8, 
 
 
 def generate_map(model, audio_tokenizer, audio, bpm, chunk_duration, temperature=0.8, top_p=1.0, min_p=0.0,
-                 max_seq_length=32767, progress=True):
+                 max_seq_length=32767, batch_size=0, progress=True):
     """audio = (samples,) float32 at the tokenizer's rate, beat 0 at sample 0 → [Note(beat, x, y, color, direction), ...].
 
-    Notes from all chunks, sorted, without duplicates, none past the end of the song.
+    Notes from all chunks, sorted, without duplicates, none past the end of the song. All chunks go into one
+    generate call, or calls of batch_size chunks when batch_size > 0 (to bound GPU memory on long songs).
     """
     duration_s = len(audio) / audio_tokenizer.sample_rate
     # codes = (frames, n_codebooks) for the whole song
@@ -100,7 +101,11 @@ def generate_map(model, audio_tokenizer, audio, bpm, chunk_duration, temperature
     max_ticks = [(end_beat - start_beat) * data.PPQ - 1 for start_beat, end_beat, _, _ in plan]
     budget = 2 * math.ceil(MAX_NOTES_PER_SECOND * chunk_duration) + 1
     max_new_tokens = min(budget, max_seq_length - max(len(p) for p in prompts))
-    chunks = generate_chunks(model, prompts, max_ticks, max_new_tokens, temperature, top_p, min_p, progress=progress)
+    step = batch_size if batch_size > 0 else len(prompts)
+    chunks = []
+    for first in range(0, len(prompts), step):
+        chunks += generate_chunks(model, prompts[first:first + step], max_ticks[first:first + step], max_new_tokens,
+                                  temperature, top_p, min_p, progress=progress)
     notes = set()
     for (start_beat, _, _, _), chunk in zip(plan, chunks):
         for tick, type_ in chunk:
@@ -138,7 +143,7 @@ def main(args):
         padded = torch.cat([torch.zeros(round(lead_in_s * audio_tokenizer.sample_rate)), torch.from_numpy(audio)])
         model = load_model(args.model_dir, device)
         notes = generate_map(model, audio_tokenizer, padded.numpy(), bpm, chunk_duration, args.temperature,
-                             args.top_p, args.min_p, metadata.get("max_seq_length", 32767))
+                             args.top_p, args.min_p, metadata.get("max_seq_length", 32767), args.batch_size)
         output = args.output or f"{Path(song_path).stem}_beatgen.zip"
         written = utils.write_map(output, notes, bpm, song_path, difficulty=args.difficulty, lead_in_s=lead_in_s)
         duration_s = len(padded) / audio_tokenizer.sample_rate
@@ -182,6 +187,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible maps")
     parser.add_argument("--chunk_duration", type=float, default=None, help="seconds per chunk (default: as trained)")
     parser.add_argument("--audio_model", default=None, help="Encodec hub id or folder (default: as trained)")
+    parser.add_argument("--batch_size", type=int, default=0,
+                        help="chunks per generate call; 0: the whole song in one call (lower it if GPU memory runs out)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG of the map and a click track")
     parser.add_argument("--reference", default=None, help="human map (zip/folder) to score the result against")

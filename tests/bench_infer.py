@@ -1,6 +1,6 @@
 """Benchmark (not part of the test run): generation speed on CPU with a tiny random Qwen3.
 
-    .venv/bin/python tests/bench_infer.py [--hidden 256 --layers 4]
+    .venv/bin/python tests/bench_infer.py [--hidden 256 --layers 4] [--qwen3_06b]
 
 1. all chunks of a song in one batched generate call vs one call per chunk (target ≥ 3× faster);
 2. the cost of the note grammar (target ≤ 10 % of generation time);
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import infer  # noqa: E402
 
@@ -29,6 +30,26 @@ def tiny_model(hidden, layers):
                          num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                          max_position_embeddings=8192, tie_word_embeddings=True)
     return Qwen3ForCausalLM(config).eval()
+
+
+def qwen3_06b():
+    """The Qwen3-0.6B-Base architecture (its config.json values) with random weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+                         rope_theta=1000000, tie_word_embeddings=True)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def cache_comparison(model, prompt, new_tokens, repeat):
+    """Per-token decode time with the dynamic and the static KV cache after one long prompt."""
+    for cache in ("dynamic", "static"):
+        elapsed = timed(lambda: generate(model, prompt, new_tokens, cache=cache), repeat)
+        short = timed(lambda: generate(model, prompt, 1, cache=cache), repeat)
+        per_token_ms = (elapsed - short) / (new_tokens - 1) * 1000
+        print(f"{cache} cache, {len(prompt[0])}-token prompt: {per_token_ms:.1f} ms per generated token "
+              f"(prefill {short:.2f} s)")
 
 
 def timed(fn, repeat=2):
@@ -61,6 +82,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--qwen3_06b", action="store_true", help="also compare KV caches on the real 0.6B architecture")
     args = parser.parse_args(argv)
     model = tiny_model(args.hidden, args.layers)
     rng = np.random.default_rng(0)
@@ -79,12 +101,10 @@ def main(argv=None):
     print(f"grammar: {with_grammar:.2f} s with, {without:.2f} s without → {(with_grammar / without - 1) * 100:+.1f} %")
 
     long_prompt = [data.prompt_tokens(rng.integers(0, 1024, (2250, 2)))]
-    for cache in ("dynamic", "static"):
-        elapsed = timed(lambda: generate(model, long_prompt, args.new_tokens, cache=cache))
-        short = timed(lambda: generate(model, long_prompt, 1, cache=cache))
-        per_token_ms = (elapsed - short) / (args.new_tokens - 1) * 1000
-        print(f"{cache} cache, {len(long_prompt[0])}-token prompt: {per_token_ms:.1f} ms per generated token "
-              f"(prefill {short:.2f} s)")
+    cache_comparison(model, long_prompt, args.new_tokens, repeat=2)
+    if args.qwen3_06b:
+        print("Qwen3-0.6B architecture, random weights:")
+        cache_comparison(qwen3_06b(), long_prompt, 17, repeat=1)
 
     training_speed(args.hidden, args.layers)
 

@@ -62,8 +62,11 @@ def click_song(duration_s, click_times_s, sample_rate=SAMPLE_RATE, seed=0, noise
 
 
 def ogg_bytes(audio, sample_rate=SAMPLE_RATE):
+    """Ogg Vorbis bytes, written in blocks: one long write crashes libsndfile 1.2.2's encoder (corrections.md §6)."""
     buffer = io.BytesIO()
-    soundfile.write(buffer, audio, sample_rate, format="OGG", subtype="VORBIS")
+    with soundfile.SoundFile(buffer, "w", sample_rate, 1, format="OGG", subtype="VORBIS") as f:
+        for start in range(0, len(audio), 65536):
+            f.write(audio[start:start + 65536])
     return buffer.getvalue()
 
 

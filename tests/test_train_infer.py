@@ -192,3 +192,12 @@ def test_infer_cli_bad_inputs(trained, tmp_path):
         infer.main(infer.parse_args([trained["model_dir"], str(tmp_path / "missing.ogg"), "--bpm", "120"]))
     with pytest.raises(ValueError, match="beatgen.json"):
         infer.main(infer.parse_args([str(tmp_path), str(not_audio), "--bpm", "120"]))
+
+
+def test_generate_map_batch_size_keeps_greedy_result(model_and_encodec):
+    import infer
+    model, encodec = model_and_encodec
+    song = click_song(9.0, np.arange(0.3, 9, 0.35))
+    whole = infer.generate_map(model, encodec, song, BPM, 4.0, temperature=0, progress=False)
+    in_pairs = infer.generate_map(model, encodec, song, BPM, 4.0, temperature=0, batch_size=2, progress=False)
+    assert whole == in_pairs
