@@ -216,3 +216,28 @@ def test_same_tick_notes_have_deterministic_order(encodec, tmp_path):
     assert a == b
     types = a[a.index(NOTES_START) + 2:-1:2]
     assert types == sorted(types)
+
+
+def _write_many(directory, codes, times):
+    cache = data.CodeCache(directory, "tok", memory_items=0)
+    for _ in range(times):
+        cache.put("song", codes)
+
+
+def test_cache_shared_by_processes_never_shows_partial_entries(tmp_path, caplog):
+    import multiprocessing
+    codes = np.random.default_rng(0).integers(0, 1024, (20000, 2))
+    writers = [multiprocessing.get_context("fork").Process(target=_write_many, args=(tmp_path, codes, 15))
+               for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    reader = data.CodeCache(tmp_path, "tok", memory_items=0)
+    while any(writer.is_alive() for writer in writers):
+        got = reader.get("song")      # None until the first rename, then always the whole entry
+        if got is not None:
+            assert np.array_equal(got, codes)
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0
+    assert np.array_equal(reader.get("song"), codes) and not list(tmp_path.glob("*.tmp"))
+    assert "corrupt" not in caplog.text          # a reader never met a half-written file
