@@ -42,6 +42,17 @@ def tiny_encodec_model(seed=0):
     return model
 
 
+def tiny_qwen(path, hidden=64, layers=2, seed=0):
+    """Save a small random Qwen3 (vocab 14,592 ≥ the token space) to path; returns the path as str."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=14592, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                         max_position_embeddings=4096, tie_word_embeddings=True)
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def encodec():
     from audio import create_audio_tokenizer

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from conftest import SAMPLE_RATE, click_song, make_map_zip, ogg_bytes, tiny_encodec_model
-from test_train_infer import tiny_qwen
+from conftest import SAMPLE_RATE, click_song, make_map_zip, ogg_bytes, tiny_encodec_model, tiny_qwen
 
 BPM = 137.5
 SONG_BEATS = 45                  # 19.6 s: five 4 s chunks (9 beats each)

@@ -9,19 +9,9 @@ import soundfile
 import torch
 
 import data
-from conftest import click_song, make_map_zip, ogg_bytes, tiny_encodec_model
+from conftest import click_song, make_map_zip, ogg_bytes, tiny_encodec_model, tiny_qwen
 
 BPM = 137.5
-
-
-def tiny_qwen(path, hidden=64, layers=2, seed=0):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=14592, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                         max_position_embeddings=4096, tie_word_embeddings=True)
-    Qwen3ForCausalLM(config).save_pretrained(path)
-    return str(path)
 
 
 def click_maps(directory, n_songs, n_beats=27, seed=0):
@@ -235,3 +225,12 @@ def test_infer_from_url_without_bpm_with_preview_and_reference(trained, tmp_path
         assert card["reference"]["notes"] == 16 and "f1" in card["onset_20ms"]
     finally:
         server.shutdown()
+
+
+def test_missing_unsloth_says_how_to_install(monkeypatch):
+    import sys
+
+    import train
+    monkeypatch.setitem(sys.modules, "unsloth", None)      # makes `import unsloth` raise ImportError
+    with pytest.raises(SystemExit, match="pip install"):
+        train.load_model("unused", 128)
