@@ -144,6 +144,8 @@ def main(args):
         model = load_model(args.model_dir, device)
         notes = generate_map(model, audio_tokenizer, padded.numpy(), bpm, chunk_duration, args.temperature,
                              args.top_p, args.min_p, metadata.get("max_seq_length", 32767), args.batch_size)
+        if args.snap:
+            notes = utils.snap_notes(notes)
         output = args.output or f"{Path(song_path).stem}_beatgen.zip"
         written = utils.write_map(output, notes, bpm, song_path, difficulty=args.difficulty, lead_in_s=lead_in_s)
         duration_s = len(padded) / audio_tokenizer.sample_rate
@@ -190,6 +192,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=0,
                         help="chunks per generate call; 0: the whole song in one call (lower it if GPU memory runs out)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--snap", action="store_true",
+                        help="move notes within 1/32 beat of a 1/1…1/8 grid onto it (off: ticks as generated)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG of the map and a click track")
     parser.add_argument("--reference", default=None, help="human map (zip/folder) to score the result against")
     parser.add_argument("--json", action="store_true", help="print the score card as JSON")

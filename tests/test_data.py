@@ -4,8 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import data
 from conftest import click_song, ogg_bytes, wav_bytes

@@ -1,6 +1,6 @@
 """Proof that the pipeline learns audio → note alignment (slow: a few CPU minutes; part of the default run).
 
-Synthetic songs at 137.5 BPM (non-integer beats per second) with a short tone at a random third of the 1/4-beat
+Synthetic songs at 137.5 BPM (non-integer beats per second) with a short tone on a random 30 % of the 1/4-beat
 positions; the map's notes sit exactly on the tones. A tiny random Encodec and a tiny Qwen3 are trained through
 train.main (the Unsloth/TRL path), then infer.main writes maps for held-out songs. Predicted note times are compared,
 in seconds, with the tone times the generator used (±20 ms). With the audio replaced by noise or by another song,
@@ -8,23 +8,24 @@ F1 must fall to the audio-blind level.
 """
 
 import json
-import os
+import math
 import time
 
 import numpy as np
 import pytest
 import soundfile
 
-from conftest import SAMPLE_RATE, click_song, make_map_zip, ogg_bytes, tiny_encodec_model, tiny_qwen
+from conftest import SAMPLE_RATE, click_song, make_map_zip, tiny_encodec_model, tiny_qwen, wav_bytes
 
 BPM = 137.5
-SONG_BEATS = 45                  # 19.6 s: five 4 s chunks (9 beats each)
-TRAIN_SONGS, TEST_SONGS = 48, 6
-STEPS = int(os.environ.get("BEATGEN_LEARNING_STEPS", 2000))
+SONG_BEATS = 36                  # 15.7 s: four chunks of 9 beats (3.93 s, the most whole beats in 4 s)
+CHUNK_S = 4.0
+TRAIN_SONGS, TEST_SONGS = 150, 6    # enough songs that memorising them is harder than listening
+STEPS = 2000
 
 
 def song(seed):
-    """→ (tone times in seconds, audio): tones on a random third of the 1/4-beat grid."""
+    """→ (tone times in seconds, audio): tones on a random 30 % of the 1/4-beat grid."""
     rng = np.random.default_rng(seed)
     grid_beats = np.arange(0, SONG_BEATS, 0.25)
     beats = np.sort(rng.choice(grid_beats, len(grid_beats) * 3 // 10, replace=False))
@@ -59,13 +60,14 @@ def test_model_learns_click_alignment(tmp_path):
         beats = times_s * BPM / 60
         # note type follows the position in the beat, so types are learnable too
         notes = [(float(b), int(b * 4) % 4, 0, int(b * 2) % 2, 1) for b in beats]
-        make_map_zip(maps_dir / f"song{s}.zip", BPM, {"Expert": notes}, ogg_bytes(audio))
+        make_map_zip(maps_dir / f"song{s}.zip", BPM, {"Expert": notes}, wav_bytes(audio), song_filename="song.wav")
     tiny_encodec_model().save_pretrained(tmp_path / "encodec")
     model_dir = tiny_qwen(tmp_path / "qwen", hidden=128, layers=4)
     start = time.perf_counter()
     trainer = train.main(train.parse_args([
         str(maps_dir), "--output_dir", str(tmp_path / "out"), "--model", model_dir,
-        "--audio_model", str(tmp_path / "encodec"), "--cache_dir", str(tmp_path / "cache"), "--chunk_duration", "4",
+        "--audio_model", str(tmp_path / "encodec"), "--cache_dir", str(tmp_path / "cache"),
+        "--chunk_duration", str(CHUNK_S),
         "--max_steps", str(STEPS), "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
         "--warmup_steps", "30", "--save_steps", "100000", "--max_seq_length", "2000"]))
     train_s = time.perf_counter() - start
@@ -86,10 +88,11 @@ def test_model_learns_click_alignment(tmp_path):
             predicted_s = [note["b"] * 60 / BPM for note in json.loads(open(dat).read())["colorNotes"]]
             scores[name].append(onset_f1(predicted_s, times_s))
             if name == "real":
-                late = [t for t in predicted_s if t >= 9 * 60 / BPM]     # chunks after the first
-                scores.setdefault("real, chunks 2-5", []).append(onset_f1(late, times_s[times_s >= 9 * 60 / BPM]))
+                second_chunk_s = math.floor(CHUNK_S * BPM / 60) * 60 / BPM
+                late = [t for t in predicted_s if t >= second_chunk_s]     # chunks after the first
+                scores.setdefault("real, chunks 2-4", []).append(onset_f1(late, times_s[times_s >= second_chunk_s]))
     means = {name: round(float(np.mean(values)), 3) for name, values in scores.items()}
     print(f"\nlearning: {STEPS} steps in {train_s:.0f} s; loss per 100 steps {curve}\nheld-out onset F1 ±20 ms: {means}")
-    assert means["real"] >= 0.9 and means["real, chunks 2-5"] >= 0.9
+    assert means["real"] >= 0.9 and means["real, chunks 2-4"] >= 0.9
     assert means["silence"] <= 0.4 and means["shuffled"] <= 0.45
     assert means["real"] - max(means["silence"], means["shuffled"]) >= 0.4

@@ -213,7 +213,7 @@ def test_infer_from_url_without_bpm_with_preview_and_reference(trained, tmp_path
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/song.wav"
-        written = infer.main(infer.parse_args([trained["model_dir"], url, "--seed", "0", "--preview",
+        written = infer.main(infer.parse_args([trained["model_dir"], url, "--seed", "0", "--preview", "--snap",
                                                "--output", str(tmp_path / "map.zip")]))
         beatmap = read_map(written)
         assert abs(beatmap.bpm / 120 - 1) < 0.01 or abs(beatmap.bpm / 240 - 1) < 0.01 or abs(beatmap.bpm / 60 - 1) < 0.01
