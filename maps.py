@@ -305,27 +305,26 @@ def _open_zip(path):
 
 
 def _read_bounded_zip_entry(archive, info, limit) -> bytes:
-    if info.file_size > limit:
-        raise ValueError(f"{info.file_size} bytes, more than the limit of {limit}")
-    try:
-        with archive.open(info) as entry:
-            data = entry.read(limit + 1)
-    except _ZIP_ERRORS as error:
-        raise ValueError(f"unreadable zip entry ({error})") from None
-    if len(data) > limit:
-        raise ValueError(f"more than the limit of {limit} bytes")
-    return data
+    return _read_bounded(info.file_size, lambda: archive.open(info), limit, _ZIP_ERRORS, "unreadable zip entry")
 
 
 def _read_bounded_file(path, limit) -> bytes:
     try:
         size = path.stat().st_size
-        if size > limit:
-            raise ValueError(f"{size} bytes, more than the limit of {limit}")
-        with open(path, "rb") as file:
-            data = file.read(limit + 1)
     except OSError as error:
         raise ValueError(f"cannot read ({error})") from None
+    return _read_bounded(size, lambda: open(path, "rb"), limit, OSError, "cannot read")
+
+
+def _read_bounded(declared_bytes, open_stream, limit, errors, what) -> bytes:
+    """The bytes of a stream whose declared size and actual length must both stay within limit; ValueError if not."""
+    if declared_bytes > limit:
+        raise ValueError(f"{declared_bytes} bytes, more than the limit of {limit}")
+    try:
+        with open_stream() as stream:
+            data = stream.read(limit + 1)
+    except errors as error:
+        raise ValueError(f"{what} ({error})") from None
     if len(data) > limit:
         raise ValueError(f"more than the limit of {limit} bytes")
     return data
