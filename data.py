@@ -264,11 +264,17 @@ class BeatDataset(torch.utils.data.Dataset):
         self.notes, self.audio_sha1, self.chunks = [], [], []
         for i in tqdm(range(len(base)), desc="indexing maps", unit="map", disable=len(base) < 50):
             item = base[i]
-            if item.source not in songs:
-                songs[item.source] = song_facts(item)
+            try:
+                if item.source not in songs:
+                    songs[item.source] = song_facts(item)
+                plan = chunk_plan(songs[item.source][1], item.bpm, chunk_duration, audio_tokenizer.frame_rate)
+            except ValueError as e:
+                self.skipped["unusable song"] += 1
+                log.warning("%s %s skipped: %s", item.source, item.difficulty, e)
+                plan = []
             self.notes.append(note_arrays(item.notes))
-            self.audio_sha1.append(songs[item.source][0])
-            for chunk in chunk_plan(songs[item.source][1], item.bpm, chunk_duration, audio_tokenizer.frame_rate):
+            self.audio_sha1.append(songs[item.source][0] if plan else None)
+            for chunk in plan:
                 start_beat, end_beat, start_frame, end_frame = chunk
                 n_notes = len(chunk_notes(*self.notes[i], start_beat, end_beat))
                 if sequence_length(end_frame - start_frame, n_notes) > max_seq_length:

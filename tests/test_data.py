@@ -240,3 +240,11 @@ def test_cache_shared_by_processes_never_shows_partial_entries(tmp_path, caplog)
         assert writer.exitcode == 0
     assert np.array_equal(reader.get("song"), codes) and not list(tmp_path.glob("*.tmp"))
     assert "corrupt" not in caplog.text          # a reader never met a half-written file
+
+
+def test_unreadable_song_is_skipped_and_counted(encodec, tmp_path, caplog):
+    good = FakeItem("good.zip", 120.0, [note(1.0)], wav_bytes(click_song(4.0, [0.5])))
+    bad = FakeItem("bad.zip", 120.0, [note(1.0)], b"not audio")
+    ds = BeatDataset([bad, good], chunk_duration=4.0, cache_dir=tmp_path, audio_tokenizer=encodec)
+    assert ds.skipped["unusable song"] == 1 and len(ds) == 1 and "bad.zip" in caplog.text
+    assert ds[0]["input_ids"][-1] == EOS
