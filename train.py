@@ -20,11 +20,10 @@ def load_model(model_name, max_seq_length):
         from unsloth import FastLanguageModel
     except ImportError as e:
         sys.exit(f"train.py needs Unsloth ({e}). Install the project with: pip install -e .  (or: pip install unsloth)")
-    import torch
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=model_name,
         max_seq_length=max_seq_length,
-        load_in_4bit=torch.cuda.is_available(),   # ignored for full fine-tuning; bitsandbytes needs a GPU
+        load_in_4bit=True,          # as the original spec; Unsloth turns 4-bit off for full fine-tuning
         full_finetuning=True,
         trust_remote_code=True,
     )
@@ -69,7 +68,8 @@ def main(args):
         beat_dataset.chunks = beat_dataset.chunks[:args.max_samples]
     if len(beat_dataset) == 0:
         sys.exit(f"{args.maps_dir}: no usable training chunks (maps skipped: {dict(maps.skipped)})")
-    print(f"{len(maps)} difficulties, {len(beat_dataset)} chunks; skipped: {dict(maps.skipped) or 'none'}")
+    print(f"{len(maps)} difficulties, {len(beat_dataset)} chunks; skipped: "
+          f"{dict(maps.skipped + beat_dataset.skipped) or 'none'}")
 
     batch_size, grad_accum = 1, args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(beat_dataset) / (batch_size * grad_accum))
