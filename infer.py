@@ -182,7 +182,8 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=None,
                         help="'.zip' ready-to-play map (default <song>_beatgen.zip), '.dat' difficulty only, "
                              "else a map folder")
-    parser.add_argument("--difficulty", default="ExpertPlus", choices=["Easy", "Normal", "Hard", "Expert", "ExpertPlus"])
+    parser.add_argument("--difficulty", default="ExpertPlus", choices=["Easy", "Normal", "Hard", "Expert", "ExpertPlus"],
+                        help="difficulty name written into the map (and read from --reference)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1.0: off")
     parser.add_argument("--min_p", type=float, default=0.0, help="min-p sampling; 0: off")

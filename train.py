@@ -121,9 +121,10 @@ def parse_args(argv=None):
     parser.add_argument("--bandwidth", type=float, default=1.5, help="Encodec bandwidth in kbps (1.5 → 2 codebooks)")
     parser.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; -1: --num_train_epochs epochs")
     parser.add_argument("--num_train_epochs", type=int, default=3, help="epochs when --max_steps is -1")
-    parser.add_argument("--learning_rate", type=float, default=2e-5)
-    parser.add_argument("--warmup_steps", type=int, default=0)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=8)
+    parser.add_argument("--learning_rate", type=float, default=2e-5, help="peak learning rate (linear decay to 0)")
+    parser.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps; 0: none")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=8,
+                        help="sequences per optimizer step (batch size is 1)")
     parser.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (4 are kept)")
     parser.add_argument("--chunk_duration", type=float, default=30.0, help="seconds of audio per training sequence")
     parser.add_argument("--max_seq_length", type=int, default=32767, help="longer chunks are skipped, never cut")
