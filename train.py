@@ -57,7 +57,7 @@ def main(args):
     from trl import SFTConfig, SFTTrainer
 
     from audio import create_audio_tokenizer
-    from data import BeatDataset, audio_masking_collator, save_metadata
+    from data import BOS, EOS, PAD, BeatDataset, audio_masking_collator, save_metadata
     from maps import ZippedBeatSaberDataset
 
     audio_tokenizer = create_audio_tokenizer(bandwidth=args.bandwidth, model=args.audio_model)
@@ -106,6 +106,9 @@ def main(args):
     )
     resume = args.resume and any(name.startswith("checkpoint-") for name in os.listdir(args.output_dir))
     trainer.train(resume_from_checkpoint=True if resume else None)
+    # TRL aligned these ids with the text tokenizer; the saved model's own generate() should use ours
+    for config in (model.config, model.generation_config):
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS, EOS, PAD
     tokenizer.save_pretrained(args.output_dir)
     trainer.save_model(args.output_dir)
     print(f"model written to {args.output_dir}")

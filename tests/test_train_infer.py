@@ -84,7 +84,9 @@ def test_output_folder_has_model_tokenizer_metadata(trained):
     metadata = data.load_metadata(out)
     assert metadata["frame_rate"] == 75.0 and metadata["chunk_duration"] == 4.0 and metadata["ppq"] == 48
     from transformers import AutoModelForCausalLM
-    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size >= data.VOCAB_USED   # plain transformers loads it
+    model = AutoModelForCausalLM.from_pretrained(out)              # plain transformers loads it
+    assert model.config.vocab_size >= data.VOCAB_USED
+    assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (data.EOS, data.PAD)
 
 
 def test_resume_continues_from_checkpoint(trained):
