@@ -1,8 +1,11 @@
 """Shared test fixtures: a tiny random Encodec with usable codebooks, synthetic click songs, map zips built in tmp."""
 
+import functools
+import http.server
 import io
 import json
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -51,6 +54,21 @@ def tiny_qwen(path, hidden=64, layers=2, seed=0):
                          max_position_embeddings=4096, tie_word_embeddings=True)
     Qwen3ForCausalLM(config).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """(folder, base URL) of a local HTTP server serving that folder."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    folder = tmp_path / "www"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture(scope="session")

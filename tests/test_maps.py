@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -16,11 +15,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import maps  # noqa: E402
-from maps import Note, read_map, ZippedBeatSaberDataset  # noqa: E402
+import maps
+from conftest import SHARED
+from maps import Note, read_map, ZippedBeatSaberDataset
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures" / "maps"
 SCHEMA_TESTS = FIXTURES / "beatmaps-io__beatsaver-common-mp"
 

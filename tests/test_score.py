@@ -2,18 +2,16 @@
 
 import json
 from collections import namedtuple
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import utils
-from conftest import make_map_zip
+from conftest import SHARED, make_map_zip
 from utils import (baseline_onsets, format_score_card, impossible_doubles, match_onsets, parity_errors, score_card,
                    vision_blocks)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE_MAPS = SHARED / "fixtures" / "maps"
 
 # Note = maps.Note's fields: beat, x lane 0..3, y layer 0..2, color 0 red / 1 blue, direction 0..8

@@ -22,12 +22,10 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import maps  # noqa: E402
-import scrape  # noqa: E402
+import maps
+import scrape
+from conftest import ROOT, SHARED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 API_FIXTURES = SHARED / "fixtures" / "beatsaver-api"
 MAP_FIXTURES = SHARED / "fixtures" / "maps"
 needs_shared = pytest.mark.skipif(not MAP_FIXTURES.is_dir() or not API_FIXTURES.is_dir(),

@@ -195,38 +195,27 @@ def test_generate_map_batch_size_keeps_greedy_result(model_and_encodec):
     assert whole == in_pairs
 
 
-def test_infer_from_url_without_bpm_with_preview_and_reference(trained, tmp_path, capsys):
+def test_infer_from_url_without_bpm_with_preview_and_reference(trained, tmp_path, capsys, http_folder):
     """No --bpm: tempo estimated, lead-in added; the song comes over HTTP (yt-dlp); a score card against a map."""
-    import functools
-    import http.server
-    import threading
-
     import infer
     from maps import read_map
-    served = tmp_path / "served"
-    served.mkdir()
+    served, base_url = http_folder
     click_times_s = 0.3 + np.arange(16) * 0.5                     # 120 BPM, first beat at 0.3 s
     soundfile.write(served / "song.wav", click_song(8.5, click_times_s), 24000)
     # the human map: a note on every click (beat = 2 · t at 120 BPM)
     reference = make_map_zip(tmp_path / "human.zip", 120.0, {"ExpertPlus": [(2 * t, 1, 0, 0, 1) for t in click_times_s]},
                              ogg_bytes(click_song(8.5, click_times_s)))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/song.wav"
-        written = infer.main(infer.parse_args([trained["model_dir"], url, "--seed", "0", "--preview", "--snap",
-                                               "--output", str(tmp_path / "map.zip")]))
-        beatmap = read_map(written)
-        assert abs(beatmap.bpm / 120 - 1) < 0.01 or abs(beatmap.bpm / 240 - 1) < 0.01 or abs(beatmap.bpm / 60 - 1) < 0.01
-        assert os.path.getsize(tmp_path / "map_preview.png") > 0 and os.path.getsize(tmp_path / "map_clicks.wav") > 0
-        capsys.readouterr()
-        infer.main(infer.parse_args([trained["model_dir"], url, "--seed", "0", "--reference", str(reference),
-                                     "--json", "--output", str(tmp_path / "scored.zip")]))
-        card = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-        assert card["reference"]["notes"] == 16 and "f1" in card["onset_20ms"]
-    finally:
-        server.shutdown()
+    url = f"{base_url}/song.wav"
+    written = infer.main(infer.parse_args([trained["model_dir"], url, "--seed", "0", "--preview", "--snap",
+                                           "--output", str(tmp_path / "map.zip")]))
+    beatmap = read_map(written)
+    assert abs(beatmap.bpm / 120 - 1) < 0.01 or abs(beatmap.bpm / 240 - 1) < 0.01 or abs(beatmap.bpm / 60 - 1) < 0.01
+    assert os.path.getsize(tmp_path / "map_preview.png") > 0 and os.path.getsize(tmp_path / "map_clicks.wav") > 0
+    capsys.readouterr()
+    infer.main(infer.parse_args([trained["model_dir"], url, "--seed", "0", "--reference", str(reference),
+                                 "--json", "--output", str(tmp_path / "scored.zip")]))
+    card = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert card["reference"]["notes"] == 16 and "f1" in card["onset_20ms"]
 
 
 def test_missing_unsloth_says_how_to_install(monkeypatch):

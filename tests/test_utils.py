@@ -2,15 +2,12 @@
 bsmap's schema check), chains_to_notes, snap_notes, estimate_beat on synthetic songs, download_audio from a local
 HTTP server, write_preview."""
 
-import functools
-import http.server
 import io
 import json
 import math
 import os
 import shutil
 import subprocess
-import threading
 import zipfile
 from pathlib import Path
 
@@ -376,21 +373,6 @@ def test_estimated_beat_and_lead_in_put_written_beats_on_the_clicks(tmp_path):
     ("https://", False), ("", False)])
 def test_is_url(text, expected):
     assert utils.is_url(text) is expected
-
-
-@pytest.fixture
-def http_folder(tmp_path):
-    """(folder, base URL) of a local HTTP server serving that folder."""
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-    folder = tmp_path / "www"
-    folder.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.mark.parametrize("name", ["Some Song.ogg", "clip.wav"])
