@@ -2,18 +2,26 @@
 
 Info.dat v2 (2.0.0/2.1.0) and v4 (4.0.x); difficulty files v2 (also 1.x and files without `_version`), v3 and
 v4, recognised by their own content whatever the Info version. Zips are read in memory, never extracted.
-Only this module parses map files; it knows nothing about tokens.
+Only this module parses map files; it knows nothing about tokens and imports nothing from the project.
 
-Bad input raises ValueError("<map path>: <file>: <reason>"). A difficulty file that cannot be read (missing,
-broken JSON, a value of the wrong JSON type) goes to BeatMap.broken instead, so the rest of the map stays usable.
-A note the game would load but this project cannot represent (NaN or negative beat, x/y/colour/direction out of
-range, Mapping Extensions precision values) is dropped and counted in Difficulty.dropped[reason].
+Bad input raises ValueError("<map path>: <file>: <reason>"); MapTooLarge, a ValueError, when the reason is a size
+limit (the MAX_* constants below: bytes, JSON objects, notes, listings, compression ratio), so that a map costs
+bounded time and memory whatever its files say. Nothing outside the map is read: a map folder's entries must be
+regular files or folders (no links), zip member names must be relative paths of plain components ("/" between
+them, no "..", no backslash), and no two names of a map may differ only in case.
+A difficulty file that cannot be read (missing, broken JSON, a value of the wrong JSON type, past a limit) goes to
+BeatMap.broken instead, so the rest of the map stays usable.
+A note the game would load but this project cannot represent (NaN or negative beat, beat past MAX_BEAT,
+x/y/colour/direction out of range, Mapping Extensions precision values, a chain's segments or squish out of range)
+is dropped and counted in Difficulty.dropped[reason].
 Absent fields default to 0, as the game's deserialiser does (v3 ≥ 3.3.0 and v4 omit defaults on purpose).
 """
 
+import bz2
 import hashlib
 import json
 import logging
+import lzma
 import math
 import os
 import struct
@@ -30,9 +38,35 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-MAX_DAT_BYTES = 64 * 2**20        # largest Info / difficulty / AudioData file read (uncompressed)
-MAX_AUDIO_BYTES = 256 * 2**20     # largest song file read
+# Limits on what one map may cost. "Fixture" figures are the largest among the 39 real maps in
+# shared/fixtures/maps (BeatSaver's validator cases left out).
+MAX_DAT_BYTES = 16 * 2**20        # bytes: one Info / difficulty / AudioData file, uncompressed: 4.5x the largest
+                                  # fixture file (3.6 MiB, a Noodle modchart; an unmodded map's largest is 2.8 MiB)
+MAX_MAP_DAT_BYTES = 64 * 2**20    # bytes: all of one map's JSON files read together, a file listed twice counting
+                                  # twice: 12x a fixture map's most (5.4 MiB); 4 files at MAX_DAT_BYTES
+MAX_MAP_JSON_OBJECTS = 1_000_000  # JSON objects and arrays ("{" and "[" bytes, counted before parsing) in one map's
+                                  # files together: 6.9x a fixture map's most (145k); as notes, that many parse in
+                                  # ~3.5 s on one core, in at most ~450 MB
+MAX_NOTES = 100_000               # notes one difficulty stands for, colour notes + every chain's pieces (head
+                                  # included), as a chain_notes callable may make them: 19x a fixture's most (5,144)
+MAX_DIFFICULTIES = 200            # difficulty listings in one Info.dat: 5x a fixture's most (40 in MapCheck's Test
+                                  # Track: the 8 official characteristics x 5 difficulties)
+MAX_AUDIO_BYTES = 256 * 2**20     # bytes: the song file, and in verify_zip any member (25 min of 16-bit stereo
+                                  # 44.1 kHz WAV; a map's other files are far smaller)
+MAX_MAP_BYTES = 512 * 2**20       # bytes: a map zip's members together, uncompressed as declared: a song at
+                                  # MAX_AUDIO_BYTES and as much again for the rest
 MAX_ENTRIES = 4096                # most files in one map zip or folder
+MAX_COMPRESSION_RATIO = 200       # uncompressed / compressed size of a zip member: 2.5x the most compressible fixture
+                                  # file (81 with LZMA -9e, 63 bzip2 -9, 38 deflate -9); bombs reach 1,000 (deflate)
+                                  # to over 10^6 (bzip2)
+RATIO_CHECK_BYTES = 2**20         # bytes: members smaller than this uncompressed skip the ratio check (inflating one
+                                  # costs little; MAX_MAP_BYTES bounds them together)
+MIN_BPM, MAX_BPM = 10, 1000       # Info BPM range BeatSaver accepts
+MAX_BEAT = MAX_BPM * 120          # beats: 2 hours at MAX_BPM; a later note or chain is dropped (the latest fixture
+                                  # note is at beat 1037.5; data.py's beat * 48 ticks stay far inside int64)
+MAX_CHAIN_SEGMENTS = 100          # pieces of one chain, head included: 11x a fixture's most (9)
+MAX_SQUISH = 10.0                 # chain squish, which must also be > 0 (0 crashes the game): 4x the largest in any
+                                  # fixture (2.4, a BeatSaver validator case; real maps use 0.2-1)
 BPM_TOLERANCE = 1e-5              # relative: a tempo within this of the one in effect is no change (3 ms over 300 s)
 UNSUPPORTED_REQUIREMENTS = ("Noodle Extensions", "Mapping Extensions", "Vivify")   # notes move off the grid
 
@@ -41,6 +75,10 @@ LAYERS = (0, 1, 2)                # y, bottom → top
 COLORS = (0, 1)                   # red/left, blue/right
 DIRECTIONS = tuple(range(9))      # 0 up … 7 down-right, 8 any
 V2_BOMB = 3                       # v2 `_type` of a bomb
+
+
+class MapTooLarge(ValueError):
+    """A map, or one of its files, passes a size limit (a MAX_* constant, or verify_zip's max_unzipped_bytes)."""
 
 
 class Note(NamedTuple):        # one colour note, as in the map file
@@ -111,7 +149,8 @@ class _InfoEntry(NamedTuple):  # one difficulty as Info.dat lists it
 
 
 def read_map(path) -> BeatMap:
-    """A map .zip, map folder (or its Info.dat) → BeatMap. ValueError("<path>: <reason>") on bad input."""
+    """A map .zip, map folder (or its Info.dat) → BeatMap. ValueError("<path>: <reason>") on bad input,
+    MapTooLarge when the map passes a size limit."""
     return _read_map(path)[0]
 
 
@@ -121,25 +160,34 @@ def _read_map(path) -> tuple[BeatMap, bool]:
     try:
         with _MapFiles(source) as files:
             beatmap = _read_files(files, source)
-            return beatmap, files.find(beatmap.song_filename) is not None
+            try:
+                has_song = files.find(beatmap.song_filename) is not None
+            except ValueError as error:
+                raise _within(beatmap.song_filename, error) from None
+            return beatmap, has_song
     except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+        raise _within(source, error) from None
+
+
+def _within(where, error) -> ValueError:
+    """error with "<where>: " before its message, of the same class (a MapTooLarge stays one)."""
+    return (MapTooLarge if isinstance(error, MapTooLarge) else ValueError)(f"{where}: {error}")
 
 
 def _read_files(files, source) -> BeatMap:
-    # info = the Info.dat JSON object; head = {BeatMap field: value} for the scalar fields
+    # head = {BeatMap field: value} for the scalar fields; entries = [_InfoEntry] in Info order
     try:
-        head, entries, audio_data_filename = _parse_info(_load_json(files.read(files.info_name, MAX_DAT_BYTES)))
+        head, entries, audio_data_filename = _parse_info(files.load_json(files.read(files.info_name)))
     except ValueError as error:
-        raise ValueError(f"{files.info_name}: {error}") from None
+        raise _within(files.info_name, error) from None
 
     # tempo_events = [(beat, bpm), ...] from v4 AudioData; they apply to every difficulty
     tempo_events = []
     if audio_data_filename:
         try:
-            tempo_events = _audio_data_events(_load_json(files.read(audio_data_filename, MAX_DAT_BYTES)), head["bpm"])
+            tempo_events = _audio_data_events(files.load_json(files.read(audio_data_filename)), head["bpm"])
         except ValueError as error:
-            raise ValueError(f"{audio_data_filename}: {error}") from None
+            raise _within(audio_data_filename, error) from None
 
     difficulties, broken = {}, {}
     for entry in entries:
@@ -158,33 +206,70 @@ def level_hash(path) -> str:
     _beatmapFilename set by set; v4 Info, audioDataFilename, then each difficulty's beatmapDataFilename and
     lightshowDataFilename (a file listed twice is hashed twice). Names are matched as by read_map (ignoring
     case); a listed file the map lacks, or an empty name, is skipped. Only these names are read from Info.dat, so
-    a map read_map refuses (no BPM, say) still has a hash. ValueError("<path>: <reason>") on bad input.
+    a map read_map refuses (no BPM, say) still has a hash. ValueError("<path>: <reason>") on bad input,
+    MapTooLarge past one of read_map's size limits (MAX_DIFFICULTIES listings, MAX_MAP_DAT_BYTES read in all, ...).
     """
     source = os.fspath(path)
     try:
         with _MapFiles(source) as files:
-            info_bytes = files.read(files.info_name, MAX_DAT_BYTES)
-            try:
-                names = _hashed_files(_load_json(info_bytes))
-            except ValueError as error:
-                raise ValueError(f"{files.info_name}: {error}") from None
-            sha1 = hashlib.sha1(info_bytes)
-            for name in names:
-                if name and files.find(name) is not None:
-                    try:
-                        sha1.update(files.read(name, MAX_DAT_BYTES))
-                    except ValueError as error:
-                        raise ValueError(f"{name}: {error}") from None
-            return sha1.hexdigest()
+            return _level_hash(files)
     except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+        raise _within(source, error) from None
+
+
+def _level_hash(files) -> str:
+    try:
+        info_bytes = files.read(files.info_name)
+        names = _hashed_files(files.load_json(info_bytes))
+    except ValueError as error:
+        raise _within(files.info_name, error) from None
+    sha1 = hashlib.sha1(info_bytes)
+    for name in names:
+        try:
+            if name and files.find(name) is not None:
+                sha1.update(files.read(name))
+        except ValueError as error:
+            raise _within(name, error) from None
+    return sha1.hexdigest()
+
+
+def verify_zip(path, max_unzipped_bytes=None) -> str:
+    """A map .zip → its level_hash (the value level_hash(path) gives), after reading every member in full and
+    checking its CRC-32.
+
+    The limits are read_map's (names, MAX_ENTRIES, MAX_MAP_BYTES, MAX_COMPRESSION_RATIO; each member at most
+    MAX_AUDIO_BYTES, the largest a song may be), and max_unzipped_bytes, when given, for the members' declared
+    uncompressed sizes together. MapTooLarge past a size, ratio or total limit; ValueError("<path>: <reason>") for
+    anything else (corrupt data, unsafe or ambiguous names, not a zip, no Info.dat).
+    """
+    source = os.fspath(path)
+    try:
+        with _MapFiles(source) as files:
+            if files.zip_file is None:
+                raise ValueError("not a zip file")
+            unzipped_bytes = sum(info.file_size for info in files.infos)
+            if max_unzipped_bytes is not None and unzipped_bytes > max_unzipped_bytes:
+                raise MapTooLarge(f"unzips to {unzipped_bytes} bytes, more than max_unzipped_bytes = "
+                                  f"{max_unzipped_bytes}")
+            for info in files.infos:
+                try:
+                    _read_zip_member(files.zip_file, info, (MAX_AUDIO_BYTES, "MAX_AUDIO_BYTES"))
+                except ValueError as error:
+                    raise _within(info.filename, error) from None
+            return _level_hash(files)
+    except ValueError as error:
+        raise _within(source, error) from None
 
 
 def _read_difficulty(files, entry, bpm, tempo_events) -> Difficulty:
-    data = _load_json(files.read(entry.filename, MAX_DAT_BYTES))
+    data = files.load_json(files.read(entry.filename))
     version, parsed = _parse_difficulty(data)
     # parsed = {"notes": [Note], "chains": [Chain], "arcs", "bombs", "obstacles": int,
     #           "dropped": Counter, "tempo_events": [(beat, bpm), ...] from the file itself}
+    # note_count = the notes this difficulty stands for: colour notes + every chain's pieces (head included)
+    note_count = len(parsed["notes"]) + sum(chain.segments for chain in parsed["chains"])
+    if note_count > MAX_NOTES:
+        raise MapTooLarge(f"{note_count} notes and chain pieces, more than the limit of {MAX_NOTES} (MAX_NOTES)")
     return Difficulty(
         characteristic=entry.characteristic, difficulty=entry.difficulty, filename=entry.filename,
         version=version, notes=sorted(parsed["notes"]), chains=sorted(parsed["chains"]),
@@ -213,21 +298,33 @@ def _tempo_changes(bpm, events) -> list[tuple[float, float]]:
 
 class _MapFiles:
     """The files of one map. A zip's files are those beside its shallowest Info.dat (zips often wrap the map in
-    one folder); a folder's are its top-level files. Names are looked up exactly, then ignoring case."""
+    one folder); a folder's are its top-level regular files (subfolders are no part of the map). Names are looked
+    up exactly, then ignoring case (no two names of a map differ only in case).
+
+    The JSON files read (read, load_json) count toward the map's budgets, MAX_MAP_DAT_BYTES and
+    MAX_MAP_JSON_OBJECTS, however often one file is listed; the song (read_song) does not."""
 
     def __init__(self, source):
         path = Path(source)
-        if path.is_file() and path.name.lower() == "info.dat":
-            path = path.parent
-        self.zip = None
-        if path.is_dir():
+        self.zip_file = None        # the open zip (binary file), or None for a folder
+        self.infos = []             # [ZipInfo] of every member of the zip, folders and files outside the map too
+        try:
+            if path.is_file() and path.name.lower() == "info.dat":
+                path = path.parent
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError as error:
+            raise ValueError(f"cannot read ({error})") from None
+        if is_dir:
             # members = {name relative to the map: Path}
             self.members = _folder_members(path)
-        elif path.is_file():
-            self.zip, self.members = _open_zip(path)
+        elif is_file:
+            # members = {name relative to the map: ZipInfo}
+            self.zip_file, self.infos, self.members = _open_zip(path)
         else:
             raise ValueError("no such file or folder")
         self.lower_names = {name.lower(): name for name in self.members}
+        self.dat_bytes = 0          # bytes of JSON files read so far
+        self.json_objects = 0       # JSON objects and arrays in the files loaded so far
         info_name = self.find("Info.dat")
         if info_name is None:
             self.close()
@@ -241,92 +338,234 @@ class _MapFiles:
         self.close()
 
     def close(self):
-        if self.zip is not None:
-            self.zip.close()
+        if self.zip_file is not None:
+            self.zip_file.close()
 
     def find(self, name):
-        """A file name from Info.dat → the member's name, or None when the map has no such file."""
-        name = name.replace("\\", "/")
+        """A file name from Info.dat → the member's name, or None when the map has no such file. ValueError for a
+        name with a backslash: a Windows separator or part of a name, which file it means is ambiguous."""
+        if "\\" in name:
+            raise ValueError("backslash in the file name")
         if name in self.members:
             return name
         return self.lower_names.get(name.lower())
 
-    def read(self, name, limit) -> bytes:
+    def read(self, name) -> bytes:
+        """The bytes of the JSON file Info.dat calls name (at most MAX_DAT_BYTES); counts toward MAX_MAP_DAT_BYTES."""
+        if self.dat_bytes <= MAX_MAP_DAT_BYTES:   # once past the limit, nothing more is read
+            data = self._read(name, (MAX_DAT_BYTES, "MAX_DAT_BYTES"))
+            self.dat_bytes += len(data)
+        if self.dat_bytes > MAX_MAP_DAT_BYTES:
+            raise MapTooLarge(f"the map's JSON files read come to {self.dat_bytes} bytes, more than the limit of "
+                              f"{MAX_MAP_DAT_BYTES} (MAX_MAP_DAT_BYTES)")
+        return data
+
+    def read_song(self, name) -> bytes:
+        """The bytes of the song file Info.dat calls name, at most MAX_AUDIO_BYTES."""
+        return self._read(name, (MAX_AUDIO_BYTES, "MAX_AUDIO_BYTES"))
+
+    def _read(self, name, limit) -> bytes:
+        # limit = (bytes, the name of the constant they come from, for the message)
         member = self.find(name)
         if member is None:
             raise ValueError("file missing")
-        if self.zip is None:
+        if self.zip_file is None:
             return _read_bounded_file(self.members[member], limit)
-        return _read_bounded_zip_entry(self.zip, self.members[member], limit)
+        return _read_zip_member(self.zip_file, self.members[member], limit)
+
+    def load_json(self, data: bytes):
+        """File bytes (UTF-8, optional BOM, optionally gzip-deflated as v4 allows) → the JSON value; its objects and
+        arrays count toward MAX_MAP_JSON_OBJECTS before it is parsed."""
+        if data[:2] == b"\x1f\x8b":
+            data = _gunzip(data)
+        self.json_objects += data.count(b"{") + data.count(b"[")
+        if self.json_objects > MAX_MAP_JSON_OBJECTS:
+            raise MapTooLarge(f"the map's JSON files loaded hold {self.json_objects} objects and arrays, more than "
+                              f"the limit of {MAX_MAP_JSON_OBJECTS} (MAX_MAP_JSON_OBJECTS)")
+        return _parse_json(data)
 
 
+# errors zipfile raises for a damaged or unsupported central directory
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError,
                OSError, struct.error, OverflowError, ValueError)
+# errors reading and decompressing one member's data (bz2 raises OSError, lzma LZMAError, zlib zlib.error)
+_MEMBER_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError, struct.error, OverflowError)
 
 
 def _folder_members(path) -> dict[str, Path]:
+    """A map folder → {file name: Path} of its regular files. ValueError for a link (its target may lie outside
+    the map) or anything else that is neither a regular file nor a folder."""
     try:
         with os.scandir(path) as entries:
             members = {}
             for entry in entries:
+                if entry.is_symlink():
+                    raise ValueError(f"{entry.name}: a symbolic link (a map's files must lie in its folder)")
+                if entry.is_dir(follow_symlinks=False):
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    raise ValueError(f"{entry.name}: not a regular file")
                 if len(members) >= MAX_ENTRIES:
-                    raise ValueError(f"more than {MAX_ENTRIES} files")
-                if entry.is_file():
-                    members[entry.name] = Path(entry.path)
-            return members
+                    raise MapTooLarge(f"more than {MAX_ENTRIES} files (MAX_ENTRIES)")
+                members[entry.name] = Path(entry.path)
     except OSError as error:
         raise ValueError(f"cannot list folder ({error})") from None
+    _check_unique(members)
+    return members
+
+
+def _check_unique(names):
+    """ValueError naming the first name that repeats an earlier one, exactly or but for case (the game reads maps on
+    case-insensitive Windows): which of the two files counts would be undefined."""
+    first = {}   # lower-case name → the first name with it
+    for name in names:
+        other = first.get(name.lower())
+        if other == name:
+            raise ValueError(f"{name!r}: two members of that name")
+        if other is not None:
+            raise ValueError(f"{name!r}: same name as {other!r} but for case")
+        first[name.lower()] = name
 
 
 def _open_zip(path):
-    """→ (open ZipFile, {name relative to the map: ZipInfo}) for the files beside the shallowest Info.dat."""
+    """→ (open binary file, [every ZipInfo], {name relative to the map: ZipInfo} for the files beside the shallowest
+    Info.dat)."""
     try:
-        archive = zipfile.ZipFile(path)
-        infos = archive.infolist()
-    except _ZIP_ERRORS as error:
-        raise ValueError(f"not a readable zip file ({error})") from None
+        file = open(path, "rb")
+    except OSError as error:
+        raise ValueError(f"cannot read ({error})") from None
+    try:
+        try:
+            with zipfile.ZipFile(file) as archive:
+                infos = archive.infolist()
+            zip_bytes = os.fstat(file.fileno()).st_size
+        except _ZIP_ERRORS as error:
+            raise ValueError(f"not a readable zip file ({error})") from None
+        return file, infos, _zip_members(infos, zip_bytes)
+    except ValueError:
+        file.close()
+        raise
+
+
+def _zip_members(infos, zip_bytes) -> dict[str, zipfile.ZipInfo]:
+    """Every member's ZipInfo, the zip's size → {name relative to the map: ZipInfo} for the files (not folders)
+    beside the shallowest Info.dat. ValueError for an unsafe or repeated name, members that overlap (their
+    compressed data adds up to more than the zip); MapTooLarge past MAX_ENTRIES or MAX_MAP_BYTES."""
     if len(infos) > MAX_ENTRIES:
-        archive.close()
-        raise ValueError(f"more than {MAX_ENTRIES} files in the zip")
-    # names = [(path inside the zip with "/" separators, ZipInfo), ...] for files, not folders
-    names = [(info.filename.replace("\\", "/"), info) for info in infos if not info.is_dir()]
+        raise MapTooLarge(f"more than {MAX_ENTRIES} files in the zip (MAX_ENTRIES)")
+    for info in infos:
+        problem = _name_problem(info.orig_filename)
+        if problem:
+            raise ValueError(f"{info.orig_filename!r}: {problem}")
+    _check_unique([info.filename for info in infos])
+    unzipped_bytes = sum(info.file_size for info in infos)
+    if unzipped_bytes > MAX_MAP_BYTES:
+        raise MapTooLarge(f"unzips to {unzipped_bytes} bytes, more than the limit of {MAX_MAP_BYTES} (MAX_MAP_BYTES)")
+    if sum(info.compress_size for info in infos) > zip_bytes:
+        raise ValueError("members overlap (their compressed sizes add up to more than the zip file)")
+    # names = [(path inside the zip, ZipInfo), ...] for files, not folders
+    names = [(info.filename, info) for info in infos if not info.is_dir()]
     info_paths = [name for name, _ in names if name.rsplit("/", 1)[-1].lower() == "info.dat"]
     if not info_paths:
-        archive.close()
         raise ValueError("no Info.dat in the zip")
     depth = min(name.count("/") for name in info_paths)
     shallowest = [name for name in info_paths if name.count("/") == depth]
     if len(shallowest) > 1:
-        archive.close()
         raise ValueError(f"several Info.dat files: {shallowest}")
     prefix = shallowest[0][: len(shallowest[0]) - len("info.dat")]
-    members = {name[len(prefix):]: info for name, info in names if name.startswith(prefix)}
-    return archive, members
+    return {name[len(prefix):]: info for name, info in names if name.startswith(prefix)}
 
 
-def _read_bounded_zip_entry(archive, info, limit) -> bytes:
-    return _read_bounded(info.file_size, lambda: archive.open(info), limit, _ZIP_ERRORS, "unreadable zip entry")
+def _name_problem(name) -> str:
+    """A zip member's name → why it is unsafe or ambiguous, or "" for a relative path of plain components with "/"
+    between them (a trailing "/" marks a folder)."""
+    if "\0" in name:
+        return "NUL byte in the name"
+    if "\\" in name:
+        return "backslash in the name"
+    if name.startswith("/"):
+        return "absolute path"
+    if name[1:2] == ":" and name[:1].isalpha():
+        return "drive letter"
+    if any(part in ("", ".", "..") for part in name.removesuffix("/").split("/")):
+        return "empty, '.' or '..' path component"
+    return ""
+
+
+def _read_zip_member(file, info, limit) -> bytes:
+    """A zip member's bytes, checked against its declared size and CRC-32; MapTooLarge past the module constant
+    limit = (bytes, constant name) or MAX_COMPRESSION_RATIO. Decompressed here into at most the declared size: zipfile's own
+    bzip2 and LZMA reads have no output bound (722 bytes of bzip2 made it allocate 2 GB)."""
+    limit_bytes, limit_name = limit
+    size_bytes = max(info.file_size, info.compress_size)
+    if size_bytes > limit_bytes:
+        raise MapTooLarge(f"{size_bytes} bytes, more than the limit of {limit_bytes} ({limit_name})")
+    if info.file_size > RATIO_CHECK_BYTES and info.file_size > MAX_COMPRESSION_RATIO * info.compress_size:
+        raise MapTooLarge(f"{info.file_size} bytes compressed into {info.compress_size}, more than the limit of "
+                          f"{MAX_COMPRESSION_RATIO} to 1 (MAX_COMPRESSION_RATIO)")
+    if info.flag_bits & 0x1:
+        raise ValueError("encrypted")
+    try:
+        file.seek(info.header_offset)
+        # header = the 30-byte local file header; its last two fields are the lengths of the name and extra field
+        header = file.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise ValueError("no local file header")
+        name_length, extra_length = struct.unpack("<HH", header[26:])
+        local_name = file.read(name_length)
+        if local_name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+            raise ValueError(f"the local file header names {local_name!r}")
+        file.seek(extra_length, os.SEEK_CUR)
+        data = _decompress(info, file.read(info.compress_size))
+    except _MEMBER_ERRORS as error:
+        raise ValueError(f"broken zip data ({error})") from None
+    if len(data) != info.file_size:
+        raise ValueError(f"broken zip data (it does not unpack to the declared {info.file_size} bytes)")
+    if zlib.crc32(data) != info.CRC:
+        raise ValueError("broken zip data (CRC-32 mismatch)")
+    return data
+
+
+def _decompress(info, compressed: bytes) -> bytes:
+    """A member's compressed bytes → at most info.file_size + 1 bytes of its data (one more shows it is too long)."""
+    out_bytes = info.file_size + 1
+    method = info.compress_type
+    if method == zipfile.ZIP_STORED:
+        return compressed
+    if method == zipfile.ZIP_DEFLATED:
+        return zlib.decompressobj(-zlib.MAX_WBITS).decompress(compressed, out_bytes)
+    if method == zipfile.ZIP_BZIP2:
+        return bz2.BZ2Decompressor().decompress(compressed, out_bytes)
+    if method == zipfile.ZIP_LZMA:
+        # compressed = LZMA SDK version (2 bytes), properties length (2), properties: lc/lp/pb in one byte and the
+        # dictionary size (4), then raw LZMA1 data
+        (properties_length,) = struct.unpack("<H", compressed[2:4])
+        properties = compressed[4:4 + properties_length]
+        if len(properties) < 5:
+            raise ValueError("short LZMA properties")
+        # a dictionary beyond the data's own size is never used: bounding it bounds the decoder's memory
+        dict_bytes = min(int.from_bytes(properties[1:5], "little"), max(info.file_size, 4096))
+        lclppb = properties[0]
+        lzma_filter = dict(id=lzma.FILTER_LZMA1, dict_size=dict_bytes, lc=lclppb % 9, lp=lclppb // 9 % 5,
+                           pb=lclppb // 45)
+        decompressor = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[lzma_filter])
+        return decompressor.decompress(compressed[4 + properties_length:], out_bytes)
+    raise ValueError(f"compression method {method} not supported")
 
 
 def _read_bounded_file(path, limit) -> bytes:
+    """A map folder's file (never through a link) → its bytes; MapTooLarge past limit = (bytes, constant name)."""
+    limit_bytes, limit_name = limit
     try:
-        size = path.stat().st_size
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as stream:
+            size_bytes = os.fstat(stream.fileno()).st_size
+            if size_bytes > limit_bytes:
+                raise MapTooLarge(f"{size_bytes} bytes, more than the limit of {limit_bytes} ({limit_name})")
+            data = stream.read(limit_bytes + 1)
     except OSError as error:
         raise ValueError(f"cannot read ({error})") from None
-    return _read_bounded(size, lambda: open(path, "rb"), limit, OSError, "cannot read")
-
-
-def _read_bounded(declared_bytes, open_stream, limit, errors, what) -> bytes:
-    """The bytes of a stream whose declared size and actual length must both stay within limit; ValueError if not."""
-    if declared_bytes > limit:
-        raise ValueError(f"{declared_bytes} bytes, more than the limit of {limit}")
-    try:
-        with open_stream() as stream:
-            data = stream.read(limit + 1)
-    except errors as error:
-        raise ValueError(f"{what} ({error})") from None
-    if len(data) > limit:
-        raise ValueError(f"more than the limit of {limit} bytes")
+    if len(data) > limit_bytes:
+        raise MapTooLarge(f"more than the limit of {limit_bytes} bytes ({limit_name})")
     return data
 
 
@@ -334,17 +573,15 @@ def _read_song(source, filename) -> bytes:
     try:
         with _MapFiles(source) as files:
             try:
-                return files.read(filename, MAX_AUDIO_BYTES)
+                return files.read_song(filename)
             except ValueError as error:
-                raise ValueError(f"{filename or '(no song file name)'}: {error}") from None
+                raise _within(filename or "(no song file name)", error) from None
     except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+        raise _within(source, error) from None
 
 
-def _load_json(data: bytes):
-    """File bytes (UTF-8, optional BOM, optionally gzip-deflated as v4 allows) → the JSON value."""
-    if data[:2] == b"\x1f\x8b":
-        data = _gunzip(data)
+def _parse_json(data: bytes):
+    """File bytes (UTF-8, optional BOM) → the JSON value."""
     try:
         return json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
@@ -362,7 +599,7 @@ def _gunzip(data: bytes) -> bytes:
     except zlib.error as error:
         raise ValueError(f"broken gzip data ({error})") from None
     if len(out) > MAX_DAT_BYTES:
-        raise ValueError(f"gzip data inflates past the limit of {MAX_DAT_BYTES} bytes")
+        raise MapTooLarge(f"gzip data inflates past the limit of {MAX_DAT_BYTES} bytes (MAX_DAT_BYTES)")
     if not decompressor.eof:
         raise ValueError("truncated gzip data")
     return out
@@ -444,14 +681,27 @@ def _info_major(info) -> str:
     raise ValueError("neither a v2 nor a v4 Info.dat (Info 1.x is not supported)")
 
 
+def _listings(info) -> list[tuple[dict, dict]]:
+    """Info.dat JSON → [(beatmap set JSON object, difficulty JSON object), ...] in Info order, one per listed
+    difficulty ({} as the set in v4, which has none); MapTooLarge past MAX_DIFFICULTIES."""
+    if _info_major(info) == "2":
+        listings = [(beatmap_set, beatmap) for beatmap_set in _objects(info, "_difficultyBeatmapSets")
+                    for beatmap in _objects(beatmap_set, "_difficultyBeatmaps")]
+    else:
+        listings = [({}, beatmap) for beatmap in _objects(info, "difficultyBeatmaps")]
+    if len(listings) > MAX_DIFFICULTIES:
+        raise MapTooLarge(f"{len(listings)} difficulties listed, more than the limit of {MAX_DIFFICULTIES} "
+                          f"(MAX_DIFFICULTIES)")
+    return listings
+
+
 def _hashed_files(info) -> list[str]:
     """Info.dat JSON → the file names level_hash reads after Info.dat, in order ("" where a name is absent)."""
+    listings = _listings(info)
     if _info_major(info) == "2":
-        return [_field(beatmap, "_beatmapFilename", "string", "")
-                for beatmap_set in _objects(info, "_difficultyBeatmapSets")
-                for beatmap in _objects(beatmap_set, "_difficultyBeatmaps")]
+        return [_field(beatmap, "_beatmapFilename", "string", "") for _, beatmap in listings]
     names = [_field(_field(info, "audio", "object", {}), "audioDataFilename", "string", "")]
-    for beatmap in _objects(info, "difficultyBeatmaps"):
+    for _, beatmap in listings:
         names += [_field(beatmap, "beatmapDataFilename", "string", ""),
                   _field(beatmap, "lightshowDataFilename", "string", "")]
     return names
@@ -463,8 +713,8 @@ def _parse_info(info) -> tuple[dict, list[_InfoEntry], str]:
         head, entries, audio_data_filename = _parse_info_v2(info)
     else:
         head, entries, audio_data_filename = _parse_info_v4(info)
-    if not (math.isfinite(head["bpm"]) and head["bpm"] > 0):
-        raise ValueError(f"BPM {head['bpm']} is not a positive number")
+    if not MIN_BPM <= head["bpm"] <= MAX_BPM:
+        raise ValueError(f"BPM {head['bpm']} outside {MIN_BPM}..{MAX_BPM} (MIN_BPM, MAX_BPM)")
     if not math.isfinite(head["song_time_offset_s"]):
         raise ValueError("song time offset is not finite")
     keys = Counter((entry.characteristic, entry.difficulty) for entry in entries)
@@ -490,17 +740,15 @@ def _parse_info_v2(info):
     if "_difficultyBeatmapSets" not in info:
         raise ValueError("no _difficultyBeatmapSets")
     entries = []
-    for beatmap_set in _objects(info, "_difficultyBeatmapSets"):
-        characteristic = _field(beatmap_set, "_beatmapCharacteristicName", "string", "")
-        for beatmap in _objects(beatmap_set, "_difficultyBeatmaps"):
-            custom = _field(beatmap, "_customData", "object", {})
-            entries.append(_InfoEntry(
-                characteristic=characteristic,
-                difficulty=_field(beatmap, "_difficulty", "string", ""),
-                filename=_field(beatmap, "_beatmapFilename", "string", ""),
-                njs=float(_field(beatmap, "_noteJumpMovementSpeed", "number")),
-                offset_beats=float(_field(beatmap, "_noteJumpStartBeatOffset", "number")),
-                requirements=_strings(custom, "_requirements")))
+    for beatmap_set, beatmap in _listings(info):
+        custom = _field(beatmap, "_customData", "object", {})
+        entries.append(_InfoEntry(
+            characteristic=_field(beatmap_set, "_beatmapCharacteristicName", "string", ""),
+            difficulty=_field(beatmap, "_difficulty", "string", ""),
+            filename=_field(beatmap, "_beatmapFilename", "string", ""),
+            njs=float(_field(beatmap, "_noteJumpMovementSpeed", "number")),
+            offset_beats=float(_field(beatmap, "_noteJumpStartBeatOffset", "number")),
+            requirements=_strings(custom, "_requirements")))
     return head, entries, ""
 
 
@@ -513,7 +761,7 @@ def _parse_info_v4(info):
     if "difficultyBeatmaps" not in info:
         raise ValueError("no difficultyBeatmaps")
     entries, mappers = [], []
-    for beatmap in _objects(info, "difficultyBeatmaps"):
+    for _, beatmap in _listings(info):
         custom = _field(beatmap, "customData", "object", {})
         mappers += _strings(_field(beatmap, "beatmapAuthors", "object", {}), "mappers")
         entries.append(_InfoEntry(
@@ -652,11 +900,14 @@ def _index(value, size):
 
 
 def _note_problem(beat, x, y, color, direction):
-    """→ why a note cannot be represented, or None when beat ≥ 0 is finite and x, y, color, direction are in range."""
+    """→ why a note cannot be represented, or None when beat is in 0..MAX_BEAT and x, y, color, direction are in
+    range."""
     if not math.isfinite(beat):
         return "beat not finite"
     if beat < 0:
         return "beat negative"
+    if beat > MAX_BEAT:
+        return "beat past MAX_BEAT"
     if (math.isfinite(x) and abs(x) >= 1000) or (math.isfinite(y) and abs(y) >= 1000):
         return "mapping extensions position"
     if x not in LANES:
@@ -673,7 +924,7 @@ def _note_problem(beat, x, y, color, direction):
 
 
 def _add_note(notes, dropped, beat, x, y, color, direction):
-    if 0 <= beat < math.inf and x in LANES and y in LAYERS and color in COLORS and direction in DIRECTIONS:
+    if 0 <= beat <= MAX_BEAT and x in LANES and y in LAYERS and color in COLORS and direction in DIRECTIONS:
         notes.append(Note(float(beat), int(x), int(y), int(color), int(direction)))
     else:
         dropped[_note_problem(beat, x, y, color, direction)] += 1
@@ -683,8 +934,8 @@ def _add_chain(chains, dropped, beat, x, y, color, direction, tail_beat, tail_x,
     # the tail has no direction of its own: 8 (any) lets _note_problem check only its beat and position
     problem = (_note_problem(beat, x, y, color, direction)
                or _note_problem(tail_beat, tail_x, tail_y, color, 8)
-               or (None if segments >= 1 and float(segments).is_integer() and math.isfinite(squish)
-                   else "segments or squish out of range"))
+               or (None if 1 <= segments <= MAX_CHAIN_SEGMENTS and float(segments).is_integer()
+                   and 0 < squish <= MAX_SQUISH else "segments or squish out of range"))
     if problem:
         dropped["chain " + problem] += 1
     else:
@@ -701,7 +952,7 @@ class MapItem:
     difficulty: str
     bpm: float                 # Info BPM; the map has no tempo changes
     notes: list[Note]          # colour notes sorted by (beat, x, y, color, direction); with the dataset's
-                               # chain_notes, also each chain's head and segment notes (utils.chains_to_notes)
+                               # chain_notes, what it returns (e.g. also each chain's head and pieces)
     audio_filename: str        # the song file's name inside the map
 
     def read_audio(self) -> bytes:
@@ -713,19 +964,18 @@ class ZippedBeatSaberDataset:
     """One MapItem per usable (map, difficulty) in a directory of map zips (and map folders)."""
 
     def __init__(self, directory, characteristic="Standard", difficulties=("Expert", "ExpertPlus"),
-                 chain_notes=False):
+                 chain_notes=None):
         """directory: holds *.zip maps and/or map folders with an Info.dat. Unusable maps and difficulties are
-        skipped, logged (one line each: path and reason) and counted in self.skipped[reason].
-        chain_notes: MapItem.notes also holds the notes each chain stands for (head + segments); off by default."""
+        skipped, logged (one line each: path and reason) and counted in self.skipped[reason]; a map that cannot be
+        read (any ValueError, or an OSError such as an unreadable folder) counts as "unreadable map".
+        chain_notes: None (MapItem.notes = the colour notes) or a callable Difficulty → [Note] giving MapItem.notes,
+        e.g. utils.chains_to_notes to add the notes each chain stands for; it runs once per difficulty."""
+        if chain_notes is not None and not callable(chain_notes):
+            raise TypeError(f"chain_notes must be None or a callable Difficulty → [Note], not {chain_notes!r}")
         self.directory = Path(directory)
         self.characteristic = characteristic
         self.difficulties = tuple(difficulties)
-        # chains_to_notes = utils.chains_to_notes (Difficulty → [Note]) or None. Parsing stays here, conversion in
-        # utils.py, imported only when asked for (utils imports maps); it runs once per difficulty while reading.
-        self.chains_to_notes = None
-        if chain_notes:
-            from utils import chains_to_notes
-            self.chains_to_notes = chains_to_notes
+        self.chain_notes = chain_notes
         # skipped = {reason: number of maps or difficulties skipped for it}
         self.skipped = Counter()
         # items = [MapItem, ...]; each keeps its notes (~100 bytes a note, ~0.1 MB a difficulty): simple, and fine
@@ -749,7 +999,7 @@ class ZippedBeatSaberDataset:
     def _usable_items(self, path) -> list[MapItem]:
         try:
             beatmap, has_song = _read_map(path)
-        except ValueError as error:
+        except (ValueError, OSError) as error:
             return self._skip(path, "unreadable map", str(error))
         keys = set(beatmap.difficulties) | set(beatmap.broken)
         wanted = [(self.characteristic, name) for name in self.difficulties if (self.characteristic, name) in keys]
@@ -772,7 +1022,7 @@ class ZippedBeatSaberDataset:
             if reason:
                 self._skip(where, reason)
                 continue
-            notes = self.chains_to_notes(difficulty) if self.chains_to_notes else difficulty.notes
+            notes = difficulty.notes if self.chain_notes is None else self.chain_notes(difficulty)
             if not notes:
                 self._skip(where, "no notes")
                 continue
@@ -794,13 +1044,25 @@ def _difficulty_problem(difficulty):
 
 
 def _map_paths(directory) -> list[Path]:
-    """directory → sorted [*.zip files and folders holding an Info.dat (any case)]."""
-    if not directory.is_dir():
-        raise ValueError(f"{directory}: not a directory")
+    """directory → sorted [*.zip files, folders holding an Info.dat (any case), and entries that cannot be looked
+    at: reading those fails, so the dataset counts them as unreadable maps]."""
+    try:
+        with os.scandir(directory) as entries:
+            entries = sorted(entries, key=lambda entry: entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"{directory}: not a directory") from None
+    except OSError as error:
+        raise ValueError(f"{directory}: cannot list ({error})") from None
     paths = []
-    for path in sorted(directory.iterdir()):
-        if path.is_file() and path.suffix.lower() == ".zip":
-            paths.append(path)
-        elif path.is_dir() and any(child.name.lower() == "info.dat" for child in path.iterdir()):
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            if entry.is_file() and path.suffix.lower() == ".zip":
+                paths.append(path)
+            elif entry.is_dir():
+                with os.scandir(path) as children:
+                    if any(child.name.lower() == "info.dat" for child in children):
+                        paths.append(path)
+        except OSError:
             paths.append(path)
     return paths

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import maps
+import utils
 from conftest import SHARED
 from maps import Note, read_map, ZippedBeatSaberDataset
 
@@ -353,7 +354,8 @@ def test_whole_file_problems_break_one_difficulty(tmp_path):
     ({"Info.dat": b"{"}, "Info.dat: broken JSON"),
     ({"Info.dat": b"[]"}, "Info.dat: top level is list, expected object"),
     ({"Info.dat": {**v2_info(EXPERT), "_beatsPerMinute": "120"}}, "Info.dat: _beatsPerMinute is string, expected number"),
-    ({"Info.dat": {**v2_info(EXPERT), "_beatsPerMinute": -5}}, "Info.dat: BPM -5.0 is not a positive number"),
+    ({"Info.dat": {**v2_info(EXPERT), "_beatsPerMinute": -5}},
+     "Info.dat: BPM -5.0 outside 10..1000 (MIN_BPM, MAX_BPM)"),
     ({"Info.dat": {"difficultyLevels": []}}, "Info.dat: neither a v2 nor a v4 Info.dat"),
     ({"Info.dat": {"version": "4.0.0", "audio": {"bpm": 120, "audioDataFilename": "AudioData.dat"},
                    "difficultyBeatmaps": []}}, "AudioData.dat: file missing"),
@@ -564,5 +566,7 @@ def test_dataset_chain_notes(tmp_path):
     write_map(tmp_path / "chain.zip", v2_info(EXPERT), {"Expert.dat": difficulty, "song.egg": b"x"})
     plain = ZippedBeatSaberDataset(tmp_path)
     assert plain[0].notes == [Note(1.0, 0, 0, 0, 1), Note(2.0, 1, 0, 1, 1)]
-    with_chains = ZippedBeatSaberDataset(tmp_path, chain_notes=True)
+    with_chains = ZippedBeatSaberDataset(tmp_path, chain_notes=utils.chains_to_notes)
     assert with_chains[0].notes == plain[0].notes + [Note(2.5, 1, 1, 1, 1), Note(3.0, 1, 2, 1, 1)]
+    with pytest.raises(TypeError, match="chain_notes must be None or a callable"):
+        ZippedBeatSaberDataset(tmp_path, chain_notes=True)
