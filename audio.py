@@ -19,12 +19,66 @@ import torch
 SAMPLE_RATE = 24000
 ENCODE_SEGMENT_S = 60.0
 
+# Limits read from a file's header before decoding, so a damaged header (1 Hz claims a 28-hour song) is refused
+# instead of exhausting memory in the resampler.
+MIN_SAMPLE_RATE = 8000          # Hz; telephone-band audio, the lowest rate real music files use
+MAX_SAMPLE_RATE = 384000        # Hz; the highest rate studio formats (DXD) use
+MAX_CHANNELS = 8                # 7.1 surround; more is header damage, not a song
+MAX_DURATION_S = 3600.0         # s; one hour fits long songs and mixes (BeatSaver maps last minutes) and bounds the
+                                # decoded 24 kHz mono float32 audio at 346 MB
+DECODE_BLOCK_FRAMES = 65536     # frames decoded and resampled at a time: memory is one block plus the output
+# what soundfile (libsndfile) and soxr raise on bytes they cannot decode
+_DECODE_ERRORS = (soundfile.SoundFileError, RuntimeError, TypeError, ValueError, OSError, EOFError)
+
 
 def load_audio(path_or_bytes, sample_rate=SAMPLE_RATE, name=None):
     """Decode an audio file (.ogg/.egg Vorbis, .mp3, .wav, .flac) given as a path or its bytes.
 
-    Returns (samples,) float32 mono at `sample_rate`. Raises ValueError naming the file when it cannot be decoded.
+    Returns (samples,) float32 mono at `sample_rate`. Raises ValueError("<name>: <reason>") when the file cannot be
+    decoded, its header is outside MIN/MAX_SAMPLE_RATE, MAX_CHANNELS or MAX_DURATION_S (checked before decoding),
+    or a sample is NaN or infinite. `name` (default: the path, or "<audio bytes>") is the file named in errors.
     """
+    f, name = _open_checked(path_or_bytes, name)
+    # parts = [(samples,) float32 at sample_rate, ...]; bad_frame = first frame holding a NaN or infinite sample
+    parts, n_frames, bad_frame = [], 0, None
+    try:
+        with f:
+            # stream = the file's rate → sample_rate, fed block by block; None when the rates agree
+            stream = soxr.ResampleStream(f.samplerate, sample_rate, 1, dtype="float32") \
+                if f.samplerate != sample_rate else None
+            while len(block := f.read(DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)):
+                # block = (≤ DECODE_BLOCK_FRAMES, channels) float32 at the file's rate
+                finite = np.isfinite(block).all(axis=1)
+                if not finite.all():
+                    bad_frame = n_frames + int(np.argmin(finite))
+                    break
+                n_frames += len(block)
+                mono = block.mean(axis=1)
+                parts.append(stream.resample_chunk(mono) if stream else mono)
+            if stream:
+                parts.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{name}: cannot decode audio ({e})") from None
+    if bad_frame is not None:
+        raise ValueError(f"{name}: sample at {bad_frame / f.samplerate:.3f} s is NaN or infinite; "
+                         "every sample must be a finite number")
+    if n_frames == 0:
+        raise ValueError(f"{name}: audio is empty (no frame could be decoded)")
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def audio_duration_s(path_or_bytes, name=None):
+    """Length of an audio file in seconds, read from its header (no full decode).
+
+    Raises ValueError naming the file when the header is unreadable or outside the limits load_audio checks.
+    """
+    f, _ = _open_checked(path_or_bytes, name)
+    with f:
+        return f.frames / f.samplerate
+
+
+def _open_checked(path_or_bytes, name):
+    """→ (soundfile.SoundFile open for reading, name for errors), once the header is within the limits above."""
     if isinstance(path_or_bytes, (bytes, bytearray)):
         name = name or "<audio bytes>"
         source = io.BytesIO(path_or_bytes)
@@ -32,26 +86,22 @@ def load_audio(path_or_bytes, sample_rate=SAMPLE_RATE, name=None):
         name = name or os.fspath(path_or_bytes)
         source = os.fspath(path_or_bytes)
     try:
-        # audio = (samples, channels) float32 at the file's rate
-        audio, file_rate = soundfile.read(source, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, OSError) as e:
-        raise ValueError(f"{name}: cannot decode audio ({e})") from None
-    if audio.shape[0] == 0:
-        raise ValueError(f"{name}: audio is empty")
-    mono = audio.mean(axis=1)
-    if file_rate != sample_rate:
-        mono = soxr.resample(mono, file_rate, sample_rate)
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-def audio_duration_s(path_or_bytes, name=None):
-    """Length of an audio file in seconds, read from its header (no full decode). Raises ValueError when unreadable."""
-    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else os.fspath(path_or_bytes)
-    try:
-        info = soundfile.info(source)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, OSError) as e:
-        raise ValueError(f"{name or '<audio>'}: cannot read audio header ({e})") from None
-    return info.frames / info.samplerate
+        f = soundfile.SoundFile(source)
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{name}: cannot read audio header ({e})") from None
+    rate, channels, frames = f.samplerate, f.channels, f.frames
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        problem = f"sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
+    elif not 1 <= channels <= MAX_CHANNELS:
+        problem = f"{channels} channels, outside 1..{MAX_CHANNELS}"
+    elif frames <= 0:
+        problem = "audio is empty (the header counts 0 frames)"
+    elif frames / rate > MAX_DURATION_S:
+        problem = f"header claims {frames / rate:.0f} s of audio, more than MAX_DURATION_S = {MAX_DURATION_S:.0f} s"
+    else:
+        return f, name
+    f.close()
+    raise ValueError(f"{name}: {problem}")
 
 
 class AudioTokenizer:
@@ -103,14 +153,21 @@ class AudioTokenizer:
 
 
 def create_audio_tokenizer(bandwidth=1.5, model="facebook/encodec_24khz", device=None):
-    """Load an Encodec model (hub id, local folder, or an EncodecModel instance) as an AudioTokenizer."""
+    """Load an Encodec model (hub id, local folder, or an EncodecModel instance) as an AudioTokenizer.
+
+    ValueError naming the model when it cannot be loaded (no such folder, truncated weights, hub unreachable) or
+    has no such bandwidth."""
+    from safetensors import SafetensorError
     from transformers import EncodecModel
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(model, EncodecModel):
         encodec, name = model, model.config.name_or_path or "EncodecModel"
     else:
-        encodec, name = EncodecModel.from_pretrained(model), str(model)
+        try:
+            encodec, name = EncodecModel.from_pretrained(model), str(model)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
+            raise ValueError(f"{model}: the Encodec model cannot be loaded ({type(e).__name__}: {e})") from None
     if bandwidth not in encodec.config.target_bandwidths:
         raise ValueError(f"{name}: bandwidth {bandwidth} is not one of {encodec.config.target_bandwidths}")
     return AudioTokenizer(encodec, bandwidth, name, device)

@@ -7,13 +7,16 @@ A training sequence for one chunk of one difficulty:
 Ticks are 48 per beat, counted from the chunk's first beat; a note type packs (x, y, color, direction).
 """
 
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
-import zipfile
+import time
 from collections import Counter, OrderedDict
 from pathlib import Path
 
@@ -322,63 +325,136 @@ def note_arrays(notes):
 
 
 def default_cache_dir():
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "beatgen" / "audio_codes"
+    """$XDG_CACHE_HOME/beatgen/audio_codes, or ~/.cache/beatgen/audio_codes when that variable is unset or relative."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "beatgen" / "audio_codes"
+
+
+TEMP_PREFIX, TEMP_SUFFIX = "partial-", ".npz.tmp"     # names of CodeCache's temp files, so only ours are removed
+STALE_TEMP_AGE_S = 3600.0   # s; a temp file older than this was left by a killed writer (a put takes milliseconds),
+                            # so removing it cannot disturb a writer in another process
 
 
 class CodeCache:
     """Full-song audio codes on disk, one .npz per (song bytes, audio tokenizer, CACHE_VERSION).
 
-    Each file holds `codes` (frames, N_CODEBOOKS) int16 and `sha1` of those bytes; a file that fails to load or
-    whose checksum differs is treated as missing and rebuilt. Writes go to a temp file in the same folder and are
-    renamed into place, so readers in other workers or processes never see half a file.
+    Each file holds `codes` (frames, N_CODEBOOKS) int16 and `sha1` of those bytes. get() treats any entry it cannot
+    use as missing (warns, returns None, so the caller re-encodes): unreadable bytes, a checksum mismatch, a shape
+    other than (frames ≥ 1, N_CODEBOOKS), a non-integer dtype, codes outside 0..CODEBOOK_SIZE-1, or something not
+    a regular file at the entry path. Writes go to a temp file
+    (TEMP_PREFIX…TEMP_SUFFIX) in the same folder and are renamed into place, so readers in other workers or processes
+    never see half a file; put() first deletes a directory standing exactly at the entry path (the only thing it
+    ever deletes besides its own temp files). Creating a CodeCache removes our temp files older than STALE_TEMP_AGE_S.
+
+    Memory: the last `memory_items` entries read or written are kept (an LRU copy of the disk). When the folder
+    cannot be created or written (checked once here, with one warning), or a put() fails (warning), codes are kept
+    in `unsaved` instead: unbounded, never evicted, and pickled with the cache, since there is no other copy.
+    Entries already in a read-only folder are still read from it.
     """
 
     def __init__(self, directory, tokenizer_identity, memory_items=32):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer_identity = tokenizer_identity
-        self.memory = OrderedDict()     # audio_sha1 → codes, the most recently used songs
+        self.memory = OrderedDict()     # audio_sha1 → (frames, N_CODEBOOKS) int16, copies of recent disk entries
         self.memory_items = memory_items
+        self.unsaved = {}               # audio_sha1 → (frames, N_CODEBOOKS) int16 that are on no disk
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+            os.close(fd)
+            os.unlink(probe)
+            self.writable = True
+        except OSError as e:
+            log.warning("audio-code cache folder %s cannot be written (%s); this run keeps all codes in memory",
+                        self.directory, e)
+            self.writable = False
+        if self.writable:
+            self._remove_stale_temp_files()
+
+    def __getstate__(self):
+        """Without the LRU copies (re-read from disk) but with `unsaved` (no other copy): datasets pickles the whole
+        training dataset, cache included, to fingerprint it, and a BeatDataset copy reads codes only from here."""
+        return {**self.__dict__, "memory": OrderedDict()}
 
     def path(self, audio_sha1):
         key = hashlib.sha1(f"{audio_sha1}|{self.tokenizer_identity}|v{CACHE_VERSION}".encode()).hexdigest()
         return self.directory / f"{key}.npz"
 
     def get(self, audio_sha1):
-        """Cached codes or None (absent or corrupt)."""
-        if audio_sha1 in self.memory:
+        """(frames, N_CODEBOOKS) integer codes (int16 as put() writes them), or None when absent or unusable."""
+        codes = self.unsaved.get(audio_sha1)
+        if codes is None and audio_sha1 in self.memory:
             self.memory.move_to_end(audio_sha1)
-            return self.memory[audio_sha1]
-        path = self.path(audio_sha1)
-        if not path.exists():
-            return None
-        try:
-            with np.load(path) as entry:
-                codes, checksum = entry["codes"], str(entry["sha1"])
-            if codes.ndim != 2 or hashlib.sha1(codes.tobytes()).hexdigest() != checksum:
-                raise ValueError("checksum or shape mismatch")
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            log.warning("cache entry %s is corrupt (%s); rebuilding", path, e)
-            return None
-        self._remember(audio_sha1, codes)
+            codes = self.memory[audio_sha1]
+        if codes is None:
+            codes = self._read(self.path(audio_sha1))
+            if codes is not None:
+                self._remember(audio_sha1, codes)
         return codes
 
     def put(self, audio_sha1, codes):
+        """Store codes = (frames, N_CODEBOOKS) ints 0..CODEBOOK_SIZE-1; if writing fails, warn and keep them in RAM."""
         codes = np.ascontiguousarray(codes, dtype=np.int16)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        if self.writable:
+            path = self.path(audio_sha1)
+            try:
+                self._write(path, codes)
+                self._remember(audio_sha1, codes)
+                return
+            except OSError as e:
+                log.warning("cache entry %s cannot be written (%s); its codes stay in memory", path, e)
+        self.unsaved[audio_sha1] = codes
+
+    def _read(self, path):
+        """Validated codes of the entry at path, or None (absent: silently; unusable: with a warning)."""
+        try:
+            if not path.is_file():
+                if path.exists():
+                    log.warning("cache entry %s is not a regular file; rebuilding", path)
+                return None
+            with np.load(path, allow_pickle=False) as entry:
+                codes, checksum = entry["codes"], str(entry["sha1"])
+        except Exception as e:      # damaged zip/npy bytes raise many types (BadZipFile, zlib.error, NotImplementedError…)
+            log.warning("cache entry %s is unreadable (%s: %s); rebuilding", path, type(e).__name__, e)
+            return None
+        if hashlib.sha1(codes.tobytes()).hexdigest() != checksum:
+            problem = "checksum mismatch"
+        elif codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] != N_CODEBOOKS:
+            problem = f"shape {codes.shape}, not (frames ≥ 1, {N_CODEBOOKS})"
+        elif not np.issubdtype(codes.dtype, np.integer):
+            problem = f"dtype {codes.dtype}, not integer"
+        elif codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
+            problem = f"codes outside 0..{CODEBOOK_SIZE - 1}"
+        else:
+            return codes
+        log.warning("cache entry %s is corrupt (%s); rebuilding", path, problem)
+        return None
+
+    def _write(self, path, codes):
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, codes=codes, sha1=hashlib.sha1(codes.tobytes()).hexdigest())
-            os.replace(tmp, self.path(audio_sha1))
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)     # os.replace cannot replace a directory
+            os.replace(tmp, path)
         except BaseException:
-            os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
-        self._remember(audio_sha1, codes)
 
     def _remember(self, audio_sha1, codes):
         self.memory[audio_sha1] = codes
         while len(self.memory) > self.memory_items:
             self.memory.popitem(last=False)
+
+    def _remove_stale_temp_files(self):
+        now_s = time.time()
+        for tmp in self.directory.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+            with contextlib.suppress(OSError):      # another process may remove it first
+                if tmp.is_file() and now_s - tmp.stat().st_mtime > STALE_TEMP_AGE_S:
+                    tmp.unlink()
 
 
 # ---- collator ----

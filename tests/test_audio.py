@@ -1,5 +1,7 @@
 import io
 import math
+import struct
+import time
 
 import numpy as np
 import pytest
@@ -43,6 +45,95 @@ def test_load_audio_bad_input_names_file(junk, tmp_path):
     path.write_bytes(junk)
     with pytest.raises(ValueError, match="broken.egg"):
         audio.load_audio(path)
+
+
+def wav_with(wav, rate=None, channels=None, data_bytes=None):
+    """WAV bytes with header fields overwritten: sample rate (Hz), channel count, data chunk length (bytes)."""
+    wav = bytearray(wav)
+    fmt, data_chunk = wav.index(b"fmt "), wav.index(b"data")
+    for value, offset, code in ((channels, fmt + 10, "<H"), (rate, fmt + 12, "<I"), (data_bytes, data_chunk + 4, "<I")):
+        if value is not None:
+            struct.pack_into(code, wav, offset, value)
+    return bytes(wav)
+
+
+def flac_with_total_frames(flac, total_frames):
+    """FLAC bytes whose STREAMINFO claims `total_frames` (its 36-bit field); the audio data stays as it was."""
+    flac = bytearray(flac)
+    # STREAMINFO bytes 10..17 = sample rate (20 bits), channels - 1 (3), bits - 1 (5), total frames (36)
+    fields = int.from_bytes(flac[18:26], "big")
+    flac[18:26] = ((fields >> 36 << 36) | total_frames).to_bytes(8, "big")
+    return bytes(flac)
+
+
+def assert_refused_quickly(data, name, reason, tmp_path):
+    """load_audio and audio_duration_s, on bytes and on a file, raise ValueError("<name>: …reason…") in < 2 s."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    for call in (lambda: audio.load_audio(data, name=name), lambda: audio.load_audio(path),
+                 lambda: audio.audio_duration_s(data, name=name), lambda: audio.audio_duration_s(path)):
+        start_s = time.perf_counter()
+        with pytest.raises(ValueError, match=f"{name}: .*{reason}"):
+            call()
+        assert time.perf_counter() - start_s < 2.0
+
+
+WAV_2000_FRAMES = encoded(2000, 44100, "WAV", "PCM_16")     # 45 ms of stereo 16-bit at 44.1 kHz
+
+
+@pytest.mark.parametrize("data,reason", [
+    (wav_with(WAV_2000_FRAMES, rate=1), "sample rate 1 Hz is outside 8000..384000 Hz"),
+    (wav_with(WAV_2000_FRAMES, rate=1_000_000), "sample rate 1000000 Hz"),
+    (wav_with(WAV_2000_FRAMES, channels=1000), "1000 channels, outside 1..8"),
+    (flac_with_total_frames(encoded(44100, 44100, "FLAC", "PCM_16"), 2 ** 36 - 1),   # 433 hours
+     "more than MAX_DURATION_S = 3600 s"),
+    (flac_with_total_frames(encoded(44100, 44100, "FLAC", "PCM_16"), int(audio.MAX_DURATION_S * 44100) + 1),
+     "MAX_DURATION_S"),
+])
+def test_header_outside_the_limits_is_refused_before_decoding(data, reason, tmp_path):
+    """At 1 Hz, 2,000 frames would be resampled to 48 million samples at 24 kHz; a FLAC header may claim any length."""
+    assert_refused_quickly(data, "hostile.wav", reason, tmp_path)
+
+
+@pytest.mark.parametrize("rate", [24000, 44100])          # the file's own rate, and one that is resampled
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_samples_are_refused(rate, bad, tmp_path):
+    stereo = np.full((rate, 2), 0.1, dtype=np.float32)
+    good = io.BytesIO()
+    soundfile.write(good, stereo, rate, format="WAV", subtype="FLOAT")
+    assert len(audio.load_audio(good.getvalue())) == 24000
+    stereo[rate // 4, 1] = bad
+    hostile = io.BytesIO()
+    soundfile.write(hostile, stereo, rate, format="WAV", subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"nan.wav: sample at 0\.250 s is NaN or infinite"):
+        audio.load_audio(hostile.getvalue(), name="nan.wav")
+
+
+@pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"),
+                                         ("MP3", None)])
+def test_damaged_files_decode_or_raise_valueerror_naming_the_file(fmt, subtype):
+    """Truncated at 24 points, 40 copies with 3 random header bytes changed (seed 0), and for WAV a data chunk that
+    claims 4 GB: each load either gives finite mono audio or raises ValueError naming the file, within 2 s."""
+    whole = encoded(44100, 44100, fmt, subtype)
+    rng = np.random.default_rng(0)
+    damaged = [whole[:n] for n in np.linspace(0, len(whole) - 1, 24).astype(int)]
+    for _ in range(40):
+        copy = bytearray(whole)
+        for position in rng.integers(0, min(len(whole), 2048), 3):
+            copy[position] = rng.integers(0, 256)
+        damaged.append(bytes(copy))
+    if fmt == "WAV":
+        damaged += [wav_with(whole, data_bytes=0xFFFFFFF0), wav_with(whole[:len(whole) // 2], data_bytes=len(whole))]
+    for data in damaged:
+        start_s = time.perf_counter()
+        try:
+            out = audio.load_audio(data, name="damaged.bin")
+            assert out.dtype == np.float32 and out.ndim == 1 and np.isfinite(out).all()
+            assert len(out) <= 24000 + 2400
+            audio.audio_duration_s(data, name="damaged.bin")
+        except ValueError as e:
+            assert str(e).startswith("damaged.bin: ")
+        assert time.perf_counter() - start_s < 2.0
 
 
 def test_tokenizer_shapes_frame_rate_and_frame_count(encodec):

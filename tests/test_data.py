@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import data
-from conftest import click_song, ogg_bytes, wav_bytes
+from conftest import click_song, wav_bytes
 from data import (AUDIO_END, AUDIO_OFFSET, AUDIO_START, BOS, EOS, NOTE_TYPE_OFFSET, NOTES_START, PAD, PPQ,
                   TICK_OFFSET, BeatDataset, audio_masking_collator, note_type)
 
@@ -164,36 +164,6 @@ def test_sequence_length_30s_is_4500_audio_tokens(encodec, tmp_path):
     assert len(ds) == 3                      # 61 s → chunks at 0, 30, 60 s
 
 
-def test_cache_second_pass_never_encodes_and_corruption_rebuilds(encodec, tmp_path):
-    audio = ogg_bytes(click_song(9.0, [1.0, 2.0, 3.0]))
-    items = [FakeItem("s.zip", 120.0, [note(2.0)], audio, difficulty=d) for d in ("Expert", "ExpertPlus")]
-    counting = CountingTokenizer(encodec)
-    first = [x["input_ids"] for x in BeatDataset(items, chunk_duration=4.0, cache_dir=tmp_path,
-                                                 audio_tokenizer=counting)]
-    assert counting.encode_calls == 1        # two difficulties of one song share one encode
-    fresh = CountingTokenizer(encodec)
-    again = BeatDataset(items, chunk_duration=4.0, cache_dir=tmp_path, audio_tokenizer=fresh)
-    assert [x["input_ids"] for x in again] == first and fresh.encode_calls == 0
-    (entry,) = tmp_path.glob("*.npz")
-    entry.write_bytes(entry.read_bytes()[:50])                  # truncated
-    fresh = CountingTokenizer(encodec)
-    rebuilt = BeatDataset(items, chunk_duration=4.0, cache_dir=tmp_path, audio_tokenizer=fresh)
-    assert [x["input_ids"] for x in rebuilt] == first and fresh.encode_calls == 1
-    assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_cache_detects_flipped_bytes(tmp_path):
-    cache = data.CodeCache(tmp_path, "tok")
-    cache.put("abc", np.arange(20).reshape(10, 2))
-    path = cache.path("abc")
-    with np.load(path) as entry:
-        codes, checksum = entry["codes"].copy(), str(entry["sha1"])
-    codes[3, 1] += 1
-    np.savez(path, codes=codes, sha1=checksum)
-    assert data.CodeCache(tmp_path, "tok").get("abc") is None
-    assert data.CodeCache(tmp_path, "other").path("abc") != path
-
-
 def test_overlong_chunk_is_skipped_not_truncated(encodec, tmp_path):
     notes = [note(i / 8) for i in range(8 * 8)]                 # 64 notes in the first 8 beats
     item = FakeItem("x.zip", 120.0, notes, wav_bytes(click_song(8.0, [])))
@@ -215,31 +185,6 @@ def test_same_tick_notes_have_deterministic_order(encodec, tmp_path):
     assert a == b
     types = a[a.index(NOTES_START) + 2:-1:2]
     assert types == sorted(types)
-
-
-def _write_many(directory, codes, times):
-    cache = data.CodeCache(directory, "tok", memory_items=0)
-    for _ in range(times):
-        cache.put("song", codes)
-
-
-def test_cache_shared_by_processes_never_shows_partial_entries(tmp_path, caplog):
-    import multiprocessing
-    codes = np.random.default_rng(0).integers(0, 1024, (20000, 2))
-    writers = [multiprocessing.get_context("fork").Process(target=_write_many, args=(tmp_path, codes, 15))
-               for _ in range(2)]
-    for writer in writers:
-        writer.start()
-    reader = data.CodeCache(tmp_path, "tok", memory_items=0)
-    while any(writer.is_alive() for writer in writers):
-        got = reader.get("song")      # None until the first rename, then always the whole entry
-        if got is not None:
-            assert np.array_equal(got, codes)
-    for writer in writers:
-        writer.join()
-        assert writer.exitcode == 0
-    assert np.array_equal(reader.get("song"), codes) and not list(tmp_path.glob("*.tmp"))
-    assert "corrupt" not in caplog.text          # a reader never met a half-written file
 
 
 def test_unreadable_song_is_skipped_and_counted(encodec, tmp_path, caplog):
