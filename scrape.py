@@ -8,13 +8,20 @@
     python scrape.py download --help
 
 OUT_DIR after a download:
-    <id>.zip                    accepted maps (what ZippedBeatSaberDataset reads)
-    rejected/<reason>/<id>.zip  maps the zip criteria rejected (kept, never deleted)
-    maps.sqlite                 one metadata record per stored map (table `maps`, see make_record)
+    <id>.zip                    accepted maps, the training data (ZippedBeatSaberDataset reads only top-level zips)
+    rejected/<reason>/<id>.zip  maps the criteria rejected (kept, never deleted)
+    old_versions/<id>.zip       copies superseded by a newer version of the map, or a second copy of an id;
+    old_versions/<id>.<n>.zip   n = 1, 2, ... when that name is taken (kept, never deleted)
+    maps.sqlite                 table `maps`: one metadata record per stored map (see make_record);
+                                table `zips`: one row per zip above (path, map id, level hash, reason)
     .tmp/                       downloads in flight; emptied at the start of every run
+A zip is never moved onto an existing file. A new version of a map moves the map's older copies to old_versions/
+before it takes their place. Where one id has several copies (left by older versions of this script), the one
+whose level hash is the record's hash is the map; `filter --move_rejects` moves the others to old_versions/.
 A run stops once OUT_DIR holds --count accepted maps, so rerunning the same command resumes a killed run.
 """
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -23,18 +30,14 @@ import re
 import sqlite3
 import sys
 import time
-import zipfile
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import requests
-from requests.adapters import HTTPAdapter
 from tqdm import tqdm
-from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
-from urllib3.util.retry import Retry
 
 import maps
 
@@ -43,8 +46,11 @@ log = logging.getLogger("scrape")
 API_URL = "https://api.beatsaver.com"
 USER_AGENT = "beatgen-scrape/0.1.0 (Beat Saber map dataset builder{contact})"
 DB_NAME = "maps.sqlite"
-DB_FORMAT = 1                   # bumped when the `maps` table or the record layout changes
+DB_FORMAT = 2                   # bumped when the tables or the record layout change; 1 (no `zips`) is migrated
+OLD_DIR = "old_versions"
+OLD_VERSION = "old_version"     # table zips' reason for a superseded copy of a map (in OLD_DIR once moved)
 RETRY_STATUS = (429, 500, 502, 503, 504)
+MAX_RETRY_WAIT_S = 120.0        # longest back-off or Retry-After wait before one retry
 # criteria as checked: the metadata record's, then the zip's; a rejected map counts under the first it fails
 REASONS = ("ai_made", "low_score", "few_upvotes", "no_wanted_difficulty", "mods", "duration", "nps",
            "parity_errors", "unreadable", "bpm_changes", "song_offset")
@@ -129,28 +135,70 @@ def make_record(doc):
 
 
 def open_db(path):
-    """The metadata store: table maps(id, hash, uploaded, rejected = zip criterion or NULL, record = JSON)."""
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-    db.execute("CREATE TABLE IF NOT EXISTS maps (id TEXT PRIMARY KEY, hash TEXT NOT NULL, uploaded TEXT, "
-               "rejected TEXT, record TEXT NOT NULL)")
-    db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(DB_FORMAT),))
-    db.commit()
-    found = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0]
+    """The metadata store at path, created if missing, format 1 migrated. Tables:
+    maps(id, hash, uploaded, rejected = its zip's reason or NULL, record = JSON) and
+    zips(path relative to the store's folder, id, hash = level hash or NULL, reason = criterion, old_version or
+    NULL = accepted). ValueError naming the file when it is not a usable metadata store."""
+    try:
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        db.execute("CREATE TABLE IF NOT EXISTS maps (id TEXT PRIMARY KEY, hash TEXT NOT NULL, uploaded TEXT, "
+                   "rejected TEXT, record TEXT NOT NULL)")
+        db.execute("CREATE TABLE IF NOT EXISTS zips (path TEXT PRIMARY KEY, id TEXT NOT NULL, hash TEXT, reason TEXT)")
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(DB_FORMAT),))
+        found = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0]
+        if found == "1":        # no table zips yet: each map's zip is where its `rejected` column says
+            for map_id, map_hash, rejected in db.execute("SELECT id, hash, rejected FROM maps").fetchall():
+                rel_path = f"{map_id}.zip" if rejected is None else f"rejected/{rejected}/{map_id}.zip"
+                if (Path(path).parent / rel_path).is_file():
+                    db.execute("INSERT OR IGNORE INTO zips VALUES (?, ?, ?, ?)", (rel_path, map_id, map_hash, rejected))
+            db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(DB_FORMAT),))
+            found = str(DB_FORMAT)
+        db.commit()
+    except sqlite3.Error as e:
+        raise ValueError(f"{path}: not a usable metadata database ({e}). If it is damaged, move it aside: "
+                         "`scrape.py download` into this folder rebuilds it from BeatSaver, keeping the zips here"
+                         ) from None
     if found != str(DB_FORMAT):
-        raise ValueError(f"{path}: metadata format {found}, this scrape.py writes {DB_FORMAT}; use a new OUT_DIR")
+        db.close()
+        raise ValueError(f"{path}: metadata format {found}, this scrape.py reads 1 and {DB_FORMAT}; use a new OUT_DIR")
     return db
 
 
-def load_records(maps_dir):
-    """{id: record} from maps_dir's metadata store; {} when the folder has none."""
-    path = Path(maps_dir) / DB_NAME
-    if not path.exists():
-        return {}
-    db = open_db(path)
-    records = {map_id: json.loads(text) for map_id, text in db.execute("SELECT id, record FROM maps")}
-    db.close()
-    return records
+def relative(folder, path):
+    """path inside folder → 'a/b.zip', the key of table zips."""
+    return Path(path).relative_to(folder).as_posix()
+
+
+def record_zip(db, folder, path, map_id, map_hash, reason):
+    """Set table zips' row for the zip at path inside folder (not committed)."""
+    db.execute("INSERT OR REPLACE INTO zips VALUES (?, ?, ?, ?)", (relative(folder, path), map_id, map_hash, reason))
+
+
+def move_zip(db, folder, src, dest, map_id, map_hash, reason):
+    """Rename the zip src to dest and move its zips row along (committed); returns dest.
+    Never onto an existing file: FileExistsError naming dest when it exists, and src stays where it is."""
+    if dest.exists():
+        raise FileExistsError(f"{dest}: already exists, not overwritten with {src}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(src, dest)
+    db.execute("DELETE FROM zips WHERE path = ?", (relative(folder, src),))
+    record_zip(db, folder, dest, map_id, map_hash, reason)
+    db.commit()
+    return dest
+
+
+def old_version_path(folder, map_id):
+    """The first free name of OLD_DIR/<id>.zip, <id>.1.zip, <id>.2.zip, ... inside folder."""
+    for n in itertools.count():
+        path = folder / OLD_DIR / (f"{map_id}.zip" if n == 0 else f"{map_id}.{n}.zip")
+        if not path.exists():
+            return path
+
+
+def retire_zip(db, folder, path, map_id):
+    """Move a superseded copy of a map out of the training set into OLD_DIR (committed); returns its new path."""
+    return move_zip(db, folder, path, old_version_path(folder, map_id), map_id, zip_hash(path), OLD_VERSION)
 
 
 # ---- decisions ----
@@ -199,25 +247,60 @@ def zip_reason(path, c):
 
 
 def filter_folder(maps_dir, c, move_rejects=False):
-    """Decide every zip in maps_dir and maps_dir/rejected/*/; writes accepted.txt and rejected.tsv.
+    """Decide every zip in maps_dir and maps_dir/rejected/*/; writes accepted.txt, rejected.tsv, and in
+    maps_dir/maps.sqlite (created if missing) table zips and each decided record's `rejected`.
 
-    Returns {zip path relative to maps_dir: first failed criterion or None}. Metadata criteria apply where
-    maps.sqlite has the map's record (by file stem = map id); zip criteria apply to every zip."""
+    Zips are grouped by file stem = map id. The map's zip is the one whose level hash is the record's hash, else
+    the first (top level, then rejected/ by name); its other copies are decided old_version. Metadata criteria apply
+    where maps.sqlite has the map's record, zip criteria to the map's zip. move_rejects moves accepted zips to
+    maps_dir, rejected ones to rejected/<reason>/ and old versions to old_versions/, never onto an existing file.
+    Returns {zip path relative to maps_dir: first failed criterion, old_version, or None = accepted}; every zip
+    already in old_versions/ is listed as old_version."""
     maps_dir = Path(maps_dir)
-    records = load_records(maps_dir)
-    decisions = {}
+    if not maps_dir.is_dir():
+        raise ValueError(f"{maps_dir}: not a folder")
+    db = open_db(maps_dir / DB_NAME)
+    records = {map_id: json.loads(text) for map_id, text in db.execute("SELECT id, record FROM maps")}
+    # copies = {map id: [zip path]}, top level first, then rejected/<reason>/ by name
+    copies = {}
     for path in sorted(maps_dir.glob("*.zip")) + sorted(maps_dir.glob("rejected/*/*.zip")):
-        record = records.get(path.stem)
+        if path.is_file():
+            copies.setdefault(path.stem, []).append(path)
+    decisions = {}
+    for map_id, paths in copies.items():
+        record = records.get(map_id)
+        hashes = [zip_hash(path) for path in paths]
+        live = next((i for i, h in enumerate(hashes) if record and h == record["hash"]), 0)
         reason = record_reason(record, c) if record else None
         if reason is None and c.uses_zip():
-            reason = zip_reason(path, c)
-        if move_rejects:
-            dest = maps_dir / path.name if reason is None else maps_dir / "rejected" / reason / path.name
-            if dest != path:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, dest)
-                path = dest
-        decisions[path.relative_to(maps_dir).as_posix()] = reason
+            reason = zip_reason(paths[live], c)
+        # the map's zip last: an old copy may hold the name it moves to
+        for i in [*(i for i in range(len(paths)) if i != live), live]:
+            path, why = paths[i], reason if i == live else OLD_VERSION
+            dest = (old_version_path(maps_dir, map_id) if why == OLD_VERSION else
+                    maps_dir / path.name if why is None else maps_dir / "rejected" / why / path.name)
+            if move_rejects and dest.parent != path.parent:
+                try:
+                    path = move_zip(db, maps_dir, path, dest, map_id, hashes[i], why)
+                except OSError as e:
+                    log.warning("%s", e)
+            record_zip(db, maps_dir, path, map_id, hashes[i], why)
+            decisions[relative(maps_dir, path)] = why
+        if record:
+            db.execute("UPDATE maps SET rejected = ? WHERE id = ?", (reason, map_id))
+        db.commit()
+    # rows = {path: reason} of table zips; rows of zips no longer on disk are dropped, old versions added
+    rows = dict(db.execute("SELECT path, reason FROM zips").fetchall())
+    for rel_path in rows:
+        if not (maps_dir / rel_path).is_file():
+            db.execute("DELETE FROM zips WHERE path = ?", (rel_path,))
+    for path in sorted(p for p in maps_dir.glob(f"{OLD_DIR}/*.zip") if p.is_file()):
+        if relative(maps_dir, path) not in rows:
+            record_zip(db, maps_dir, path, path.name.split(".")[0], zip_hash(path), OLD_VERSION)
+        decisions[relative(maps_dir, path)] = OLD_VERSION
+    db.commit()
+    db.close()
+    decisions = dict(sorted(decisions.items()))
     write_atomic(maps_dir / "accepted.txt", "".join(f"{p}\n" for p, r in decisions.items() if r is None))
     write_atomic(maps_dir / "rejected.tsv", "".join(f"{p}\t{r}\n" for p, r in decisions.items() if r))
     return decisions
@@ -232,46 +315,83 @@ def write_atomic(path, text):
 # ---- zips ----
 
 def check_zip(path, expected_hash, max_unzipped_bytes=0):
-    """Raise MapFault unless path is an intact zip whose level hash is expected_hash."""
+    """Raise MapFault unless path is an intact map zip (maps.verify_zip: every member read and CRC-checked within
+    maps.py's limits and max_unzipped_bytes in all, 0 = maps.py's limits only) whose level hash is expected_hash."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            unzipped_bytes = sum(i.file_size for i in zf.infolist())
-            if max_unzipped_bytes and unzipped_bytes > max_unzipped_bytes:
-                raise MapFault("too_large", f"unzips to {unzipped_bytes} bytes (limit {max_unzipped_bytes})")
-            bad_member = zf.testzip()
-            if bad_member:
-                raise MapFault("bad_zip", f"CRC error in {bad_member}")
-        found_hash = maps.level_hash(path)
-    except MapFault:
-        raise
-    except (zipfile.BadZipFile, ValueError, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
-        raise MapFault("bad_zip", f"not a valid map zip ({type(e).__name__}: {e})") from None
+        found_hash = maps.verify_zip(path, max_unzipped_bytes or None)
+    except maps.MapTooLarge as e:
+        raise MapFault("too_large", str(e)) from None
+    except ValueError as e:
+        raise MapFault("bad_zip", str(e)) from None
     if found_hash != expected_hash:
-        raise MapFault("hash_mismatch", f"level hash {found_hash} != version hash {expected_hash}")
+        raise MapFault("hash_mismatch", f"{path}: level hash {found_hash} != version hash {expected_hash}")
+
+
+def zip_hash(path):
+    """The level hash of the map zip at path; None when maps.level_hash cannot read it."""
+    try:
+        return maps.level_hash(path)
+    except ValueError:
+        return None
 
 
 # ---- HTTP ----
 
 class PoliteSession(requests.Session):
-    """A requests Session with a descriptive User-Agent, at most one request per interval_s, a default timeout,
-    and urllib3 Retry: exponential back-off on 429/5xx and timeouts, honouring Retry-After."""
+    """A requests Session with a descriptive User-Agent, a default timeout, and at most one request per interval_s,
+    retries and redirects included. A GET answered 429/5xx, timed out, cut short or refused is retried up to
+    `retries` times; before retry n it waits the longest of the rate limit, the back-off (0 for n = 1, then
+    backoff_s * 2**(n-1)) and the answer's Retry-After, the last two capped at MAX_RETRY_WAIT_S.
+    faults counts each retried fault as fault:<kind> (status_<code>, timeout, truncated, connection)."""
 
-    def __init__(self, user_agent=USER_AGENT.format(contact=""), interval_s=1.0, timeout_s=30.0, retries=5, backoff_s=2.0):
+    def __init__(self, user_agent=USER_AGENT.format(contact=""), interval_s=1.0, timeout_s=30.0, retries=5,
+                 backoff_s=2.0, faults=None):
         super().__init__()
         self.headers["User-Agent"] = user_agent
-        retry = Retry(total=retries, backoff_factor=backoff_s, status_forcelist=RETRY_STATUS,
-                      allowed_methods=("GET",), respect_retry_after_header=True, raise_on_status=False)
-        self.mount("http://", HTTPAdapter(max_retries=retry))
-        self.mount("https://", HTTPAdapter(max_retries=retry))
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self.next_request_s = 0.0       # time.monotonic() before which no new request starts
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.faults = Counter() if faults is None else faults
+        self.next_request_s = 0.0       # time.monotonic() before which no request starts
 
     def request(self, method, url, **kwargs):
+        kwargs.setdefault("timeout", self.timeout_s)
+        retries = self.retries if method.upper() == "GET" else 0
+        for retry in range(retries + 1):
+            try:
+                response = super().request(method, url, **kwargs)
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                if retry == retries:
+                    raise
+                kind, asked_s = error_kind(e), 0.0
+            else:
+                if response.status_code not in RETRY_STATUS or retry == retries:
+                    return response
+                kind, asked_s = f"status_{response.status_code}", retry_after_s(response)
+                response.close()
+            self.faults[f"fault:{kind}"] += 1
+            backoff_s = self.backoff_s * 2 ** retry if retry else 0.0
+            wait_s = min(max(backoff_s, asked_s), MAX_RETRY_WAIT_S)
+            self.next_request_s = max(self.next_request_s, time.monotonic() + wait_s)
+
+    def send(self, request, **kwargs):
         time.sleep(max(0.0, self.next_request_s - time.monotonic()))
         self.next_request_s = time.monotonic() + self.interval_s
-        kwargs.setdefault("timeout", self.timeout_s)
-        return super().request(method, url, **kwargs)
+        return super().send(request, **kwargs)
+
+
+def retry_after_s(response):
+    """Seconds the answer's Retry-After asks for (a number or an HTTP date); 0 when absent or unreadable."""
+    text = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(text) - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def error_kind(e):
@@ -281,18 +401,6 @@ def error_kind(e):
     if isinstance(e, requests.exceptions.Timeout) or "timed out" in str(e).lower():
         return "timeout"
     return "connection"
-
-
-def count_retries(response, counts):
-    """Add the faults urllib3 retried before this response (429, 5xx, timeouts) to counts as fault:<kind>."""
-    retries = getattr(response.raw, "retries", None)
-    for attempt in retries.history if retries else ():
-        if attempt.status:
-            counts[f"fault:status_{attempt.status}"] += 1
-        elif isinstance(attempt.error, (ReadTimeoutError, ConnectTimeoutError)):
-            counts["fault:timeout"] += 1
-        else:
-            counts["fault:connection"] += 1
 
 
 def parse_instant(text):
@@ -316,18 +424,24 @@ class Downloader:
         self.args = args
         self.criteria = criteria_from_args(args)
         self.out_dir = Path(args.out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(f"{self.out_dir}: not a folder")
         self.tmp_dir = self.out_dir / ".tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.tmp_dir.iterdir():     # partial downloads of a killed run, never renamed into place
-            leftover.unlink()
         self.db = open_db(self.out_dir / DB_NAME)
+        for leftover in self.tmp_dir.glob("*.zip"):     # partial downloads of a killed run, never renamed into place
+            leftover.unlink()
         # have = {id: hash} of every stored map, accepted or rejected by the zip criteria
         self.have = dict(self.db.execute("SELECT id, hash FROM maps"))
-        self.n_accepted = self.db.execute("SELECT COUNT(*) FROM maps WHERE rejected IS NULL").fetchone()[0]
-        user_agent = USER_AGENT.format(contact=f"; +{args.contact}" if args.contact else "")
-        self.session = PoliteSession(user_agent, args.request_interval_s, args.timeout_s, args.retries, args.backoff_s)
+        self.n_accepted = self.count_accepted()
         # counts = {outcome or fault: maps/events}; see run()
         self.counts = Counter()
+        user_agent = USER_AGENT.format(contact=f"; +{args.contact}" if args.contact else "")
+        self.session = PoliteSession(user_agent, args.request_interval_s, args.timeout_s, args.retries, args.backoff_s,
+                                     faults=self.counts)
+
+    def count_accepted(self):
+        return self.db.execute("SELECT COUNT(*) FROM zips WHERE reason IS NULL").fetchone()[0]
 
     def done(self):
         return bool(self.args.count) and self.n_accepted >= self.args.count
@@ -343,13 +457,13 @@ class Downloader:
         for doc in self.docs():
             if self.done():
                 break
-            if self.take(doc, final_attempt=self.args.attempts <= 1) == "deferred":
+            if self.take_one(doc, final_attempt=self.args.attempts <= 1) == "deferred":
                 deferred.append(doc)
             self.show(bar)
         for attempt in range(2, self.args.attempts + 1):
             retry_docs, deferred = deferred, []
             for doc in retry_docs:
-                if not self.done() and self.take(doc, final_attempt=attempt == self.args.attempts) == "deferred":
+                if not self.done() and self.take_one(doc, final_attempt=attempt == self.args.attempts) == "deferred":
                     deferred.append(doc)
                 self.show(bar)
         bar.close()
@@ -370,7 +484,6 @@ class Downloader:
             url, params = self.page_request(before)
             try:
                 response = self.session.get(url, params=params)
-                count_retries(response, self.counts)
                 if response.status_code != 200:
                     raise ValueError(f"HTTP {response.status_code}")
                 # page = [MapDetail dict], newest first
@@ -422,6 +535,17 @@ class Downloader:
             params["from"] = a.since.isoformat()
         return f"{a.api_url}/search/text/0", params
 
+    def take_one(self, doc, final_attempt):
+        """take(doc), where bad data or a file error in this one map is logged and counted as failed:bad_data,
+        failed:file_error or failed:<network fault> instead of stopping the walk."""
+        try:
+            return self.take(doc, final_attempt)
+        except (ValueError, OSError) as e:          # OSError includes requests.RequestException
+            kind = (error_kind(e) if isinstance(e, requests.RequestException) else
+                    "file_error" if isinstance(e, OSError) else "bad_data")
+            log.warning("map %s: %s", doc.get("id") if isinstance(doc, dict) else None, e)
+            return self.count(f"failed:{kind}")
+
     def take(self, doc, final_attempt):
         """Store one map if it is new and passes; returns its outcome, counted, or "deferred" (try it again)."""
         try:
@@ -432,17 +556,26 @@ class Downloader:
         map_id = record["id"]
         if self.have.get(map_id) == record["hash"]:
             return self.count("skipped")
+        # copies = this map's zips at the top level and in rejected/*/: older versions, or this version renamed
+        # into place by a run killed before it wrote the record
+        copies = [p for p in [self.out_dir / f"{map_id}.zip", *sorted(self.out_dir.glob(f"rejected/*/{map_id}.zip"))]
+                  if p.is_file()]
         reason = record_reason(record, self.criteria)
         if reason:
+            if map_id in self.have:     # a stored map whose new version fails: its old zips leave the training set
+                for path in copies:
+                    retire_zip(self.db, self.out_dir, path, map_id)
+                self.store(record, reason)
             return self.count(f"rejected:{reason}")
-        final_path = self.out_dir / f"{map_id}.zip"
-        if final_path.exists():         # renamed into place by a run killed before it wrote the record
-            try:
-                check_zip(final_path, record["hash"])
-                self.store(record, None)
-                return self.count("skipped")
-            except MapFault:
-                pass
+        live = next((p for p in copies if intact(p, record["hash"])), None)
+        if live:
+            for path in copies:
+                if path != live:
+                    retire_zip(self.db, self.out_dir, path, map_id)
+            reason = None if live.parent == self.out_dir else live.parent.name
+            record_zip(self.db, self.out_dir, live, map_id, record["hash"], reason)
+            self.store(record, reason)
+            return self.count("skipped")
         tmp_path = self.tmp_dir / f"{map_id}.zip"
         try:
             self.fetch(record["download_url"], tmp_path)
@@ -456,9 +589,10 @@ class Downloader:
                 return "deferred"
             return self.count(f"failed:{e.kind}")
         reason = zip_reason(tmp_path, self.criteria) if self.criteria.uses_zip() else None
-        dest = final_path if reason is None else self.out_dir / "rejected" / reason / f"{map_id}.zip"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp_path, dest)
+        for path in copies:
+            retire_zip(self.db, self.out_dir, path, map_id)
+        dest = self.out_dir / ("" if reason is None else f"rejected/{reason}") / f"{map_id}.zip"
+        move_zip(self.db, self.out_dir, tmp_path, dest, map_id, record["hash"], reason)
         self.store(record, reason)
         return self.count("downloaded" if reason is None else f"rejected:{reason}")
 
@@ -471,7 +605,6 @@ class Downloader:
         max_bytes = self.args.max_zip_mb * 2**20
         try:
             with self.session.get(url, stream=True) as response:
-                count_retries(response, self.counts)
                 if response.status_code != 200:
                     raise MapFault(f"http_{response.status_code}", f"HTTP {response.status_code} for {url}")
                 declared_bytes = int(response.headers.get("Content-Length") or 0)
@@ -489,13 +622,22 @@ class Downloader:
         except requests.RequestException as e:
             raise MapFault(error_kind(e), f"{type(e).__name__}: {e}") from None
 
-    def store(self, record, rejected):
-        """Write the record (one committed transaction), after its zip is in place."""
+    def store(self, record, reason):
+        """Write the map's record (committed), after its zip is in place with its zips row."""
         self.db.execute("INSERT OR REPLACE INTO maps VALUES (?, ?, ?, ?, ?)",
-                        (record["id"], record["hash"], record["uploaded"], rejected, json.dumps(record)))
+                        (record["id"], record["hash"], record["uploaded"], reason, json.dumps(record)))
         self.db.commit()
         self.have[record["id"]] = record["hash"]
-        self.n_accepted += rejected is None
+        self.n_accepted = self.count_accepted()
+
+
+def intact(path, map_hash):
+    """Whether check_zip passes the zip at path as version map_hash."""
+    try:
+        check_zip(path, map_hash)
+        return True
+    except MapFault:
+        return False
 
 
 def download(args):
@@ -505,13 +647,25 @@ def download(args):
 
 # ---- CLI ----
 
+def number(low, high=math.inf, kind=float):
+    """An argparse type: a finite `kind` from low to high; anything else is a usage error."""
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and low <= value <= high):
+            span = f"at least {low}" if high == math.inf else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {span}, not {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_criteria_args(p):
     d = Criteria()
     p.add_argument("--allow_ai", action="store_true",
                    help="keep maps flagged automapper or with declaredAi other than None (default: dropped)")
-    p.add_argument("--min_score", type=float, default=d.min_score,
+    p.add_argument("--min_score", type=number(0, 1), default=d.min_score,
                    help=f"minimum BeatSaver rating score, 0..1 (default {d.min_score}); 0 turns it off")
-    p.add_argument("--min_upvotes", type=int, default=d.min_upvotes,
+    p.add_argument("--min_upvotes", type=number(0, kind=int), default=d.min_upvotes,
                    help=f"minimum upvotes (default {d.min_upvotes}); 0 turns it off")
     p.add_argument("--characteristic", default=d.characteristic,
                    help=f"characteristic of the wanted difficulties (default {d.characteristic}); '' = any")
@@ -524,15 +678,15 @@ def add_criteria_args(p):
                    help="keep maps whose wanted difficulties change BPM (default: dropped; needs the zip)")
     p.add_argument("--allow_song_offset", action="store_true",
                    help="keep maps with a non-zero Info _songTimeOffset (default: dropped; needs the zip)")
-    p.add_argument("--min_duration_s", type=float, default=d.min_duration_s,
+    p.add_argument("--min_duration_s", type=number(0), default=d.min_duration_s,
                    help=f"minimum song length in seconds (default {d.min_duration_s:g}); 0 turns it off")
-    p.add_argument("--max_duration_s", type=float, default=d.max_duration_s,
+    p.add_argument("--max_duration_s", type=number(0), default=d.max_duration_s,
                    help=f"maximum song length in seconds (default {d.max_duration_s:g}); 0 turns it off")
-    p.add_argument("--min_nps", type=float, default=d.min_nps,
+    p.add_argument("--min_nps", type=number(0), default=d.min_nps,
                    help=f"minimum notes/s of every wanted difficulty (default {d.min_nps:g}); 0 turns it off")
-    p.add_argument("--max_nps", type=float, default=d.max_nps,
+    p.add_argument("--max_nps", type=number(0), default=d.max_nps,
                    help=f"maximum notes/s of every wanted difficulty (default {d.max_nps:g}); 0 turns it off")
-    p.add_argument("--max_parity_errors", type=int, default=d.max_parity_errors,
+    p.add_argument("--max_parity_errors", type=number(-1, kind=int), default=d.max_parity_errors,
                    help=f"most BeatSaver parity errors in any wanted difficulty (default {d.max_parity_errors}); "
                         "-1 turns it off")
 
@@ -552,8 +706,9 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("download", help="download new maps that pass the criteria into OUT_DIR")
-    p.add_argument("out_dir", help="folder for <id>.zip files, rejected/, and maps.sqlite (created if missing)")
-    p.add_argument("--count", type=int, default=100,
+    p.add_argument("out_dir", help="folder for <id>.zip files, rejected/, old_versions/ and maps.sqlite "
+                                    "(created if missing)")
+    p.add_argument("--count", type=number(0, kind=int), default=100,
                    help="stop once OUT_DIR holds this many accepted maps, earlier runs included (default 100); "
                         "0 = no limit")
     p.add_argument("--since", type=parse_instant, default=None,
@@ -562,30 +717,34 @@ def build_parser():
     p.add_argument("--search", action="store_true",
                    help="page /search/text and send rating, upvote, duration and AI criteria to the server "
                         "(default: page /maps/latest)")
-    p.add_argument("--page_size", type=int, default=100, help="maps per page, 1..100 (default 100)")
+    p.add_argument("--page_size", type=number(1, 100, int), default=100, help="maps per page, 1..100 (default 100)")
     p.add_argument("--contact", default="", help="email or URL added to the User-Agent (default: none)")
-    p.add_argument("--request_interval_s", type=float, default=1.0,
-                   help="minimum seconds between requests (default 1.0); 0 = no rate limit")
-    p.add_argument("--timeout_s", type=float, default=30.0, help="connect/read timeout per request (default 30)")
-    p.add_argument("--retries", type=int, default=5,
-                   help="HTTP retries per request on 429/5xx/timeouts, exponential back-off honouring "
-                        "Retry-After (default 5); 0 = none")
-    p.add_argument("--backoff_s", type=float, default=2.0,
-                   help="back-off factor: waits 0, 2x, 4x, ... this many seconds between retries (default 2)")
-    p.add_argument("--attempts", type=int, default=3,
+    p.add_argument("--request_interval_s", type=number(0), default=1.0,
+                   help="minimum seconds between the starts of two requests, retries included (default 1.0); "
+                        "0 = no rate limit")
+    p.add_argument("--timeout_s", type=number(0.01), default=30.0,
+                   help="connect/read timeout per request in seconds, at least 0.01 (default 30)")
+    p.add_argument("--retries", type=number(0, kind=int), default=5,
+                   help="HTTP retries per request on 429/5xx, timeouts and dropped connections (default 5); "
+                        "0 = none. Each waits the longest of --request_interval_s, the back-off and Retry-After")
+    p.add_argument("--backoff_s", type=number(0), default=2.0,
+                   help="back-off factor: retries wait 0, 2x, 4x, ... this many seconds, and Retry-After, each at "
+                        f"most {MAX_RETRY_WAIT_S:g} s (default 2); 0 = only Retry-After and the rate limit")
+    p.add_argument("--attempts", type=number(1, kind=int), default=3,
                    help="tries per zip in one run; truncated/timed-out downloads are retried after the page walk "
                         "(default 3); 1 = no second try")
-    p.add_argument("--max_zip_mb", type=float, default=50,
+    p.add_argument("--max_zip_mb", type=number(0), default=50,
                    help="largest zip to download in MiB (default 50); 0 = no limit")
-    p.add_argument("--max_unzipped_mb", type=float, default=200,
+    p.add_argument("--max_unzipped_mb", type=number(0), default=200,
                    help="largest total unzipped size in MiB (default 200); 0 = no limit")
     add_criteria_args(p)
 
     p = commands.add_parser("filter", help="decide the zips already in a folder; write accepted.txt")
     p.add_argument("maps_dir", help="folder of map zips (a download OUT_DIR, or any folder of zips)")
     p.add_argument("--move_rejects", action="store_true",
-                   help="move rejected zips to MAPS_DIR/rejected/<reason>/ and accepted ones back to MAPS_DIR "
-                        "(default: only write accepted.txt and rejected.tsv)")
+                   help="move rejected zips to MAPS_DIR/rejected/<reason>/, accepted ones back to MAPS_DIR and "
+                        "second copies of a map to MAPS_DIR/old_versions/, never onto an existing file "
+                        "(default: only write accepted.txt, rejected.tsv and maps.sqlite's zips table)")
     add_criteria_args(p)
     return parser
 
@@ -610,7 +769,7 @@ def main(argv=None):
     decisions = filter_folder(args.maps_dir, criteria_from_args(args), args.move_rejects)
     # removed = {criterion: maps it removed}, every criterion listed, in checking order
     removed = Counter(r for r in decisions.values() if r)
-    table = {reason: removed[reason] for reason in REASONS}
+    table = {reason: removed[reason] for reason in (*REASONS, OLD_VERSION)}
     table["accepted"] = sum(r is None for r in decisions.values())
     table["total"] = len(decisions)
     print_counts("criterion", table)
@@ -619,4 +778,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as e:
+        sys.exit(f"error: {e}")

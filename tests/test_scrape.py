@@ -1,5 +1,7 @@
 """scrape.py against a mock BeatSaver on 127.0.0.1 (recorded payloads, zips built from fixture map folders, injected
-faults), the filter's decisions on fixture maps, and a SIGKILL mid-run followed by a resume."""
+faults), the filter's decisions on fixture maps, a SIGKILL mid-run followed by a resume, and both commands run as
+users run them (a subprocess in a temporary folder) on hostile zips, new map versions, duplicate ids, a corrupt
+maps.sqlite, and retries under the rate limit."""
 
 import argparse
 import copy
@@ -7,9 +9,12 @@ import dataclasses
 import hashlib
 import io
 import json
+import lzma
+import random
 import signal
 import sqlite3
 import subprocess
+import struct
 import sys
 import threading
 import time
@@ -36,6 +41,9 @@ needs_read_map = pytest.mark.skipif(not hasattr(maps, "read_map"), reason="maps.
 ACCEPT_ALL = ["--allow_ai", "--min_score", "0", "--min_upvotes", "0", "--characteristic", "", "--difficulties", "",
               "--allow_mods", "--allow_bpm_changes", "--allow_song_offset", "--min_duration_s", "0",
               "--max_duration_s", "0", "--min_nps", "0", "--max_nps", "0", "--max_parity_errors", "-1"]
+# only the zip criteria, with every difficulty wanted: maps.read_map decides
+RELAXED = ["--min_score", "0", "--min_upvotes", "0", "--min_duration_s", "0", "--max_duration_s", "0",
+           "--min_nps", "0", "--max_nps", "0", "--max_parity_errors", "-1", "--difficulties", ""]
 # short waits: the mock answers at once, a "timeout" fault stalls TIMEOUT_STALL_S against a 0.5 s client timeout
 FAST = ["--request_interval_s", "0.01", "--timeout_s", "0.5", "--retries", "3", "--backoff_s", "0.05"]
 TIMEOUT_STALL_S = 1.0
@@ -130,7 +138,7 @@ class MockBeatSaver:
                 self.zips.setdefault(map_hash, data)
                 self.zip_ids[map_hash] = doc["id"]
             self.docs.append(doc)
-        self.requests = []              # [(path with query, User-Agent)]
+        self.requests = []              # [(path with query, User-Agent, time.monotonic() when received)]
         self.zips_completed = Counter()  # {map id: zip bodies sent in full}
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -177,7 +185,7 @@ class MockHandler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         query = parse_qs(url.query)
         with mock.lock:
-            mock.requests.append((self.path, self.headers.get("User-Agent")))
+            mock.requests.append((self.path, self.headers.get("User-Agent"), time.monotonic()))
         try:
             if url.path in ("/maps/latest", "/search/text/0"):
                 page_size = int(query.get("pageSize", ["20"])[0])
@@ -237,6 +245,52 @@ def assert_zips_intact(out_dir, expected):
         scrape.check_zip(path, map_hash)
 
 
+def corrupt_zip(zip_bytes, method, member="cover.jpg"):
+    """zip_bytes rewritten with every member compressed by method (zipfile.ZIP_LZMA or ZIP_BZIP2), plus a 20 kB
+    random cover.jpg, with 16 bytes in the middle of member's compressed data inverted: reading member fails in the
+    decompressor itself (lzma.LZMAError, OSError), before zipfile's CRC check. Corrupting cover.jpg keeps the
+    level hash of zip_bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(zip_bytes)) as src, zipfile.ZipFile(buffer, "w", method) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+        dst.writestr("cover.jpg", random.Random(0).randbytes(20000))
+    data = bytearray(buffer.getvalue())
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        info = zf.getinfo(member)
+    name_bytes, extra_bytes = struct.unpack_from("<HH", data, info.header_offset + 26)    # local header lengths
+    middle = info.header_offset + 30 + name_bytes + extra_bytes + info.compress_size // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf, pytest.raises((lzma.LZMAError, OSError)):
+        zf.read(member)
+    return bytes(data)
+
+
+def run_scrape(cwd, *args):
+    """scrape.py run as a user runs it, from the folder cwd → CompletedProcess with text stdout and stderr."""
+    return subprocess.run([sys.executable, str(ROOT / "scrape.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def summary(stdout):
+    """The table scrape.py printed → {row: maps}."""
+    rows = [line.split() for line in stdout.splitlines()]
+    return {row[0]: int(row[1]) for row in rows if len(row) == 2 and row[1].isdigit()}
+
+
+def zip_rows(out_dir):
+    """Table zips → {path: (map id, level hash, reason)}."""
+    with sqlite3.connect(Path(out_dir) / scrape.DB_NAME) as db:
+        return {row[0]: row[1:] for row in db.execute("SELECT path, id, hash, reason FROM zips")}
+
+
+def zips_on_disk(out_dir):
+    """{path relative to out_dir: bytes} of every zip under out_dir except downloads in flight in .tmp/."""
+    out_dir = Path(out_dir)
+    return {p.relative_to(out_dir).as_posix(): p.read_bytes() for p in out_dir.rglob("*.zip")
+            if p.is_file() and p.parent.name != ".tmp"}
+
+
 # ---- download ----
 
 @needs_shared
@@ -263,12 +317,12 @@ def test_download_survives_faults_and_resumes(tmp_path):
         assert {k: v[0] for k, v in stored(tmp_path).items()} == {k: h for k, (_, h) in good.items()}
         assert list((tmp_path / ".tmp").iterdir()) == []
         assert all(mock.zips_completed[map_id] == 1 for map_id in good)
-        assert all(agent.startswith("beatgen-scrape/") for _, agent in mock.requests)
+        assert all(agent.startswith("beatgen-scrape/") for _, agent, _ in mock.requests)
 
-        zip_requests = sum("/cdn/" in path for path, _ in mock.requests)
+        zip_requests = sum("/cdn/" in path for path, *_ in mock.requests)
         again = scrape.download(download_args(tmp_path, mock, "--count", "0", "--page_size", "4", *ACCEPT_ALL))
         assert again["skipped"] == 9 and again["downloaded"] == 0
-        assert sum("/cdn/" in path for path, _ in mock.requests) == zip_requests + 1   # only the bad-hash map again
+        assert sum("/cdn/" in path for path, *_ in mock.requests) == zip_requests + 1   # only the bad-hash map again
 
 
 @needs_shared
@@ -290,10 +344,10 @@ def test_since_and_search_paging(tmp_path):
         counts = scrape.download(download_args(tmp_path / "a", mock, "--count", "0", "--page_size", "2",
                                                "--since", since, *ACCEPT_ALL))
         assert counts["downloaded"] == 4
-        assert any("after=" in path for path, _ in mock.requests)
+        assert any("after=" in path for path, *_ in mock.requests)
         counts = scrape.download(download_args(tmp_path / "b", mock, "--count", "0", "--page_size", "2", "--search",
                                                "--min_upvotes", "0", "--min_score", "0.3", "--allow_ai"))
-        search_paths = [path for path, _ in mock.requests if path.startswith("/search/text/0")]
+        search_paths = [path for path, *_ in mock.requests if path.startswith("/search/text/0")]
         assert search_paths and all("minRating=0.3" in p and "order=Latest" in p for p in search_paths)
         assert any("to=" in p for p in search_paths)
 
@@ -308,17 +362,15 @@ def test_download_applies_criteria(tmp_path):
     good_data, good_hash = zip_map(folders["21287 (Lose You Now - TheCzar1994)"])
     bpm_data, bpm_hash = zip_map(MAP_FIXTURES / "Lekrkoekj__the-big-goodbye" / "the-big-goodbye")
     ai_data, ai_hash = zip_map(folders["Die For You - Dabin Remix"])
-    relaxed = ["--min_score", "0", "--min_upvotes", "0", "--min_duration_s", "0", "--max_duration_s", "0",
-               "--min_nps", "0", "--max_nps", "0", "--max_parity_errors", "-1", "--difficulties", ""]
     with MockBeatSaver([(good_doc, good_data, good_hash), (bpm_doc, bpm_data, bpm_hash),
                         (ai_doc, ai_data, ai_hash)]) as mock:
-        counts = scrape.download(download_args(tmp_path, mock, "--count", "0", *relaxed))
+        counts = scrape.download(download_args(tmp_path, mock, "--count", "0", *RELAXED))
         assert counts["downloaded"] == 1, counts
         assert counts["rejected:bpm_changes"] == 1 and counts["rejected:ai_made"] == 1
         assert [p.name for p in tmp_path.glob("*.zip")] == ["33321.zip"]
         assert (tmp_path / "rejected" / "bpm_changes" / "40298.zip").is_file()
         assert stored(tmp_path) == {"33321": (good_hash, None), "40298": (bpm_hash, "bpm_changes")}
-        assert not any(ai_hash in path for path, _ in mock.requests)      # rejected on metadata: never fetched
+        assert not any(ai_hash in path for path, *_ in mock.requests)      # rejected on metadata: never fetched
 
 
 @needs_shared
@@ -359,7 +411,94 @@ def test_polite_session_spaces_requests_and_names_itself():
         for _ in range(3):
             assert session.get(f"{mock.base}/maps/latest").status_code == 200
         assert time.monotonic() - start_s >= 0.4
-        assert all(agent == scrape.USER_AGENT.format(contact="") for _, agent in mock.requests)
+        assert all(agent == scrape.USER_AGENT.format(contact="") for _, agent, _ in mock.requests)
+
+
+# ---- the commands as users run them ----
+
+@needs_shared
+def test_download_command_counts_hostile_zips_and_goes_on(tmp_path):
+    pairs = map_pairs(5)
+    lzma_doc, bzip2_doc, blocked_doc = (doc for doc, _, _ in pairs[:3])
+    pairs[0] = (lzma_doc, corrupt_zip(pairs[0][1], zipfile.ZIP_LZMA), pairs[0][2])
+    pairs[1] = (bzip2_doc, corrupt_zip(pairs[1][1], zipfile.ZIP_BZIP2), pairs[1][2])
+    good = {doc["id"]: (data, h) for doc, data, h in pairs[3:]}       # the oldest two maps, after the bad ones
+    out = tmp_path / "maps"
+    (out / f"{blocked_doc['id']}.zip").mkdir(parents=True)            # a folder where that map's zip would go
+    with MockBeatSaver(pairs) as mock:
+        result = run_scrape(tmp_path, "download", "maps", "--api_url", mock.base, "--count", "0", "--page_size", "2",
+                            *FAST, *ACCEPT_ALL)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    counts = summary(result.stdout)
+    assert counts["failed:bad_zip"] == 2 and counts["failed:file_error"] == 1 and counts["downloaded"] == 2, counts
+    for doc in (lzma_doc, bzip2_doc, blocked_doc):
+        assert f"map {doc['id']}: maps/" in result.stderr        # one warning naming the map and its file
+    assert zips_on_disk(out) == {f"{map_id}.zip": data for map_id, (data, _) in good.items()}
+    assert zip_rows(out) == {f"{map_id}.zip": (map_id, h, None) for map_id, (_, h) in good.items()}
+    assert stored(out) == {map_id: (h, None) for map_id, (_, h) in good.items()}
+    assert (out / f"{blocked_doc['id']}.zip").is_dir()
+
+
+@needs_shared
+def test_download_command_spaces_every_request_retries_included(tmp_path):
+    interval_s, backoff_s, slack_s = 0.3, 0.15, 0.1      # slack_s: the mock's timestamps jitter under load
+    pairs = map_pairs(2)
+    faults = {("page", 0): ["500", "500", "500"], ("zip", pairs[0][0]["id"]): ["429"]}
+    with MockBeatSaver(pairs, faults) as mock:
+        result = run_scrape(tmp_path, "download", "maps", "--api_url", mock.base, "--count", "0", "--page_size", "2",
+                            "--request_interval_s", str(interval_s), "--backoff_s", str(backoff_s), "--retries", "4",
+                            "--timeout_s", "5", *ACCEPT_ALL)
+        paths = [path.split("?")[0] for path, *_ in mock.requests]
+        times_s = [received_s for *_, received_s in mock.requests]
+    assert result.returncode == 0, result.stderr
+    counts = summary(result.stdout)
+    assert counts["fault:status_500"] == 3 and counts["fault:status_429"] == 1 and counts["downloaded"] == 2, counts
+    # requests: the first page 4 times (500, 500, 500, 200), the first zip twice (429 with Retry-After: 1, 200),
+    # the second zip, the empty second page
+    zip_paths = [f"/cdn/{h}.zip" for _, _, h in pairs]
+    assert paths == ["/maps/latest"] * 4 + zip_paths[:1] * 2 + zip_paths[1:] + ["/maps/latest"]
+    gaps_s = [b - a for a, b in zip(times_s, times_s[1:])]
+    assert min(gaps_s) >= interval_s - slack_s, gaps_s
+    assert gaps_s[2] >= 4 * backoff_s - slack_s, gaps_s      # third retry: back-off 4 x backoff_s, past the interval
+    assert gaps_s[4] >= 1.0 - slack_s, gaps_s                # Retry-After: 1
+
+
+@needs_shared
+@needs_read_map
+def test_download_command_moves_old_versions_out(tmp_path):
+    docs = {doc["id"]: doc for doc in fixture_docs()}
+    folders = {f.name: f for f in v2_map_folders()}
+    a_v1 = zip_map(folders["21287 (Lose You Now - TheCzar1994)"])
+    a_v2 = zip_map(MAP_FIXTURES / "Lekrkoekj__the-big-goodbye" / "the-big-goodbye")      # changes BPM: rejected
+    b_v1 = zip_map(folders["Die For You - Dabin Remix"])
+    b_v2 = zip_map(folders["Die For You - Dabin Remix"], lambda info: info.update(_songSubName="v2"))
+    command = ["download", "maps", "--count", "0", *FAST, *RELAXED]
+    with MockBeatSaver([(docs["33321"], *a_v1), (docs["40298"], *b_v1)]) as mock:
+        first = run_scrape(tmp_path, *command, "--api_url", mock.base)
+    assert first.returncode == 0 and summary(first.stdout)["downloaded"] == 2, first.stderr
+    with MockBeatSaver([(docs["33321"], *a_v2), (docs["40298"], *b_v2)]) as mock:
+        second = run_scrape(tmp_path, *command, "--api_url", mock.base)
+    assert second.returncode == 0, second.stderr
+    counts = summary(second.stdout)
+    assert counts["downloaded"] == 1 and counts["rejected:bpm_changes"] == 1, counts
+    out = tmp_path / "maps"
+    assert zips_on_disk(out) == {"40298.zip": b_v2[0], "rejected/bpm_changes/33321.zip": a_v2[0],
+                                 "old_versions/33321.zip": a_v1[0], "old_versions/40298.zip": b_v1[0]}
+    assert zip_rows(out) == {"40298.zip": ("40298", b_v2[1], None),
+                             "rejected/bpm_changes/33321.zip": ("33321", a_v2[1], "bpm_changes"),
+                             "old_versions/33321.zip": ("33321", a_v1[1], "old_version"),
+                             "old_versions/40298.zip": ("40298", b_v1[1], "old_version")}
+    assert stored(out) == {"33321": (a_v2[1], "bpm_changes"), "40298": (b_v2[1], None)}
+    # a third version whose metadata now fails (declared AI): the accepted zip leaves the training set too
+    b_v3 = zip_map(folders["Die For You - Dabin Remix"], lambda info: info.update(_songSubName="v3"))
+    ai_doc = {**docs["40298"], "declaredAi": "Admin"}
+    with MockBeatSaver([(docs["33321"], *a_v2), (ai_doc, *b_v3)]) as mock:
+        third = run_scrape(tmp_path, "download", "maps", "--count", "0", *FAST, *RELAXED, "--api_url", mock.base)
+    assert third.returncode == 0 and summary(third.stdout)["rejected:ai_made"] == 1, third.stderr
+    assert "40298.zip" not in zips_on_disk(out) and zips_on_disk(out)["old_versions/40298.1.zip"] == b_v2[0]
+    assert zip_rows(out)["old_versions/40298.1.zip"] == ("40298", b_v2[1], "old_version")
+    assert stored(out)["40298"] == (b_v3[1], "ai_made")
+    assert not mock.zips_completed["40298"]                       # rejected on its record: never downloaded
 
 
 # ---- zips and records ----
@@ -374,18 +513,23 @@ def make_zip(files):
 
 def test_check_zip_rejects_bad_files(tmp_path):
     info = json.dumps({"_difficultyBeatmapSets": []}).encode()
+    info_hash = hashlib.sha1(info).hexdigest()
     good = make_zip({"Info.dat": info, "song.egg": b"\0" * 1000})
     path = tmp_path / "m.zip"
-    cases = {"bad_zip": b"not a zip at all", "too_large": good,
-             "hash_mismatch": good, "bad_zip ": good.replace(b"\0" * 1000, b"\1" * 1000)}
-    for kind, data in cases.items():
+    # cases = [(fault kind, zip bytes, expected hash, max_unzipped_bytes)]
+    cases = [("bad_zip", b"not a zip at all", info_hash, 0), ("too_large", good, info_hash, 500),
+             ("hash_mismatch", good, "f" * 40, 0),
+             ("bad_zip", good.replace(b"\0" * 1000, b"\1" * 1000), info_hash, 0),        # stored member, CRC wrong
+             ("bad_zip", corrupt_zip(good, zipfile.ZIP_LZMA), info_hash, 0),
+             ("bad_zip", corrupt_zip(good, zipfile.ZIP_BZIP2), info_hash, 0)]
+    for kind, data, expected_hash, max_unzipped_bytes in cases:
         path.write_bytes(data)
         with pytest.raises(scrape.MapFault) as fault:
-            expected = "f" * 40 if kind == "hash_mismatch" else hashlib.sha1(info).hexdigest()
-            scrape.check_zip(path, expected, max_unzipped_bytes=500 if kind == "too_large" else 0)
-        assert fault.value.kind == kind.strip()
+            scrape.check_zip(path, expected_hash, max_unzipped_bytes)
+        assert fault.value.kind == kind
+        assert str(path) in str(fault.value)
     path.write_bytes(good)
-    scrape.check_zip(path, hashlib.sha1(info).hexdigest())
+    scrape.check_zip(path, info_hash)
 
 
 @needs_shared
@@ -451,6 +595,9 @@ def test_filter_decisions_on_fixture_maps(tmp_path, capsys):
     names["ff.zip"] = "song_offset"
     (tmp_path / "fe.zip").write_bytes(b"not a zip")
     names["fe.zip"] = "unreadable"
+    for name, method in [("fd.zip", zipfile.ZIP_LZMA), ("fc.zip", zipfile.ZIP_BZIP2)]:
+        (tmp_path / name).write_bytes(corrupt_zip(zip_map(offset_folder)[0], method, "Info.dat"))
+        names[name] = "unreadable"
 
     assert scrape.filter_folder(tmp_path, scrape.Criteria()) == dict(sorted(names.items()))
     assert (tmp_path / "accepted.txt").read_text().split() == sorted(n for n, r in names.items() if r is None)
@@ -466,6 +613,99 @@ def test_filter_decisions_on_fixture_maps(tmp_path, capsys):
     decisions = scrape.filter_folder(tmp_path, scrape.Criteria(allow_bpm_changes=True), move_rejects=True)
     assert decisions["0.zip"] is None and (tmp_path / "0.zip").is_file()    # moved back, nothing lost
     assert len(list(tmp_path.rglob("*.zip"))) == len(names)
+
+
+@needs_shared
+def test_filter_command_keeps_every_copy_and_records_it(tmp_path):
+    folders = v2_map_folders()[:3]
+    pairs = map_pairs(3)
+    for i, (doc, _, _) in enumerate(pairs):
+        doc["stats"]["upvotes"] = 0 if i == 2 else 100
+    a, b, c = (doc["id"] for doc, _, _ in pairs)
+    current = {doc["id"]: (data, h) for doc, data, h in pairs}
+    old = {doc["id"]: zip_map(folder, lambda info: info.update(_songSubName="old"))
+           for (doc, _, _), folder in zip(pairs, folders)}
+    out = tmp_path / "maps"
+    with MockBeatSaver(pairs) as mock:
+        assert scrape.download(download_args(out, mock, "--count", "0", *ACCEPT_ALL))["downloaded"] == 3
+    # as older versions of scrape.py left them: an old copy of a in rejected/ beside a.zip; b's map in rejected/
+    # with its old version in the training set
+    (out / "rejected" / "bpm_changes").mkdir(parents=True)
+    (out / "rejected" / "bpm_changes" / f"{a}.zip").write_bytes(old[a][0])
+    (out / f"{b}.zip").rename(out / "rejected" / "bpm_changes" / f"{b}.zip")
+    (out / f"{b}.zip").write_bytes(old[b][0])
+
+    expected = {f"{a}.zip": (a, *current[a], None), f"{b}.zip": (b, *current[b], None),
+                f"old_versions/{a}.zip": (a, *old[a], "old_version"),
+                f"old_versions/{b}.zip": (b, *old[b], "old_version"),
+                f"rejected/few_upvotes/{c}.zip": (c, *current[c], "few_upvotes")}
+    for _ in range(2):          # the second run finds everything in place
+        result = run_scrape(tmp_path, "filter", "maps", "--move_rejects", *ACCEPT_ALL, "--min_upvotes", "5")
+        assert result.returncode == 0, result.stderr
+        assert zips_on_disk(out) == {path: data for path, (_, data, _, _) in expected.items()}
+        assert zip_rows(out) == {path: (i, h, reason) for path, (i, _, h, reason) in expected.items()}
+        assert stored(out)[c] == (current[c][1], "few_upvotes") and stored(out)[a] == (current[a][1], None)
+        counts = summary(result.stdout)
+        assert (counts["old_version"], counts["few_upvotes"], counts["accepted"], counts["total"]) == (2, 1, 2, 5)
+        assert f"wrote {Path('maps') / 'accepted.txt'}" in result.stdout
+        assert (out / "accepted.txt").read_text().split() == sorted([f"{a}.zip", f"{b}.zip"])
+        assert sorted((out / "rejected.tsv").read_text().splitlines()) == sorted(
+            f"{path}\t{reason}" for path, (_, _, _, reason) in expected.items() if reason)
+
+
+# ---- maps.sqlite and the command line ----
+
+def test_corrupt_database_is_one_error_line(tmp_path):
+    out = tmp_path / "maps"
+    out.mkdir()
+    garbage = b"this is not an SQLite database\n" * 100
+    (out / "maps.sqlite").write_bytes(garbage)
+    with MockBeatSaver([]) as mock:
+        for command in (["download", "maps", "--api_url", mock.base, *FAST], ["filter", "maps", "--move_rejects"]):
+            result = run_scrape(tmp_path, *command)
+            assert result.returncode == 1 and result.stdout == "", result
+            assert result.stderr.startswith("error: maps/maps.sqlite: not a usable metadata database (")
+            assert "move it aside" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+        assert mock.requests == []
+    assert (out / "maps.sqlite").read_bytes() == garbage
+    result = run_scrape(tmp_path, "filter", "missing")
+    assert (result.returncode, result.stderr) == (1, "error: missing: not a folder\n")
+
+
+def test_format_1_database_is_migrated(tmp_path):
+    db = sqlite3.connect(tmp_path / scrape.DB_NAME)        # as scrape.py wrote DB_FORMAT 1
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    db.execute("CREATE TABLE maps (id TEXT PRIMARY KEY, hash TEXT NOT NULL, uploaded TEXT, rejected TEXT, "
+               "record TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('format', '1')")
+    rows = [("a1", "1" * 40, "2024-01-01", None, '{"id": "a1"}'), ("b2", "2" * 40, None, "bpm_changes", "{}"),
+            ("c3", "3" * 40, None, None, "{}")]
+    db.executemany("INSERT INTO maps VALUES (?, ?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+    (tmp_path / "a1.zip").write_bytes(b"a1")
+    (tmp_path / "rejected" / "bpm_changes").mkdir(parents=True)
+    (tmp_path / "rejected" / "bpm_changes" / "b2.zip").write_bytes(b"b2")         # c3's zip is gone
+
+    db = scrape.open_db(tmp_path / scrape.DB_NAME)
+    assert db.execute("SELECT * FROM maps ORDER BY id").fetchall() == rows
+    assert db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() == (str(scrape.DB_FORMAT),)
+    db.execute("UPDATE meta SET value = '9' WHERE key = 'format'")
+    db.commit()
+    db.close()
+    assert zip_rows(tmp_path) == {"a1.zip": ("a1", "1" * 40, None),
+                                  "rejected/bpm_changes/b2.zip": ("b2", "2" * 40, "bpm_changes")}
+    with pytest.raises(ValueError, match="metadata format 9"):
+        scrape.open_db(tmp_path / scrape.DB_NAME)
+
+
+def test_absurd_values_are_usage_errors(capsys):
+    for flag, value in [("--retries", "-1"), ("--request_interval_s", "nan"), ("--timeout_s", "0"),
+                        ("--backoff_s", "inf"), ("--page_size", "101"), ("--attempts", "0"), ("--count", "-5"),
+                        ("--min_score", "2"), ("--max_parity_errors", "-2"), ("--max_zip_mb", "-1")]:
+        with pytest.raises(SystemExit) as exit_:
+            scrape.parse_args(["download", "x", flag, value])
+        assert exit_.value.code == 2 and f"error: argument {flag}: must be" in capsys.readouterr().err, flag
 
 
 def test_every_flag_has_help_and_criteria_say_how_to_turn_off():
