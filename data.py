@@ -167,6 +167,9 @@ def sequence_length(n_frames, n_notes):
 # ---- model metadata: the token space and audio settings a model was trained with ----
 
 METADATA_FILE = "beatgen.json"
+# what infer.py reads from beatgen.json besides the token-space fields: name → type
+METADATA_FIELDS = {"audio_model": str, "bandwidth": float, "sample_rate": int, "frame_rate": float,
+                   "chunk_duration": float, "max_seq_length": int}
 
 
 def save_metadata(model_dir, audio_tokenizer, audio_model, chunk_duration, max_seq_length):
@@ -196,6 +199,14 @@ def load_metadata(model_dir):
             or metadata.get("ppq") != PPQ or metadata.get("n_codebooks") != N_CODEBOOKS:
         raise ValueError(f"{path}: written for another token space than version {TOKEN_SPACE_VERSION} "
                          f"(PPQ {PPQ}, {N_CODEBOOKS} codebooks)")
+    for key, kind in METADATA_FIELDS.items():
+        value = metadata.get(key)
+        if kind is str:
+            usable = isinstance(value, str) and value != ""
+        else:       # a positive finite number (an integer for int)
+            usable = (type(value) in ((int,) if kind is int else (int, float)) and math.isfinite(value) and value > 0)
+        if not usable:
+            raise ValueError(f"{path}: {key} is {value!r}, expected {'a name' if kind is str else f'a {kind.__name__} > 0'}")
     return metadata
 
 
@@ -262,9 +273,9 @@ class BeatDataset(torch.utils.data.Dataset):
         self.skipped = Counter()
         # songs = {source: (audio_sha1, duration_s)}, one entry per zip, shared by its difficulties
         songs = {}
-        # notes[i] = (ticks (n,) int64 absolute, types (n,) int64); audio_sha1[i] = item i's song key
-        # chunks = [(item index, (start_beat, end_beat, start_frame, end_frame)), ...]
-        self.notes, self.audio_sha1, self.chunks = [], [], []
+        # notes[i] = (ticks (n,) int64 absolute, types (n,) int64); audio_sha1[i] = item i's song key;
+        # sources[i] = item i's map path; chunks = [(item index, (start_beat, end_beat, start_frame, end_frame)), ...]
+        self.notes, self.audio_sha1, self.sources, self.chunks = [], [], [], []
         for i in tqdm(range(len(base)), desc="indexing maps", unit="map", disable=len(base) < 50):
             item = base[i]
             try:
@@ -276,6 +287,7 @@ class BeatDataset(torch.utils.data.Dataset):
                 log.warning("%s %s skipped: %s", item.source, item.difficulty, e)
                 plan = []
             self.notes.append(note_arrays(item.notes))
+            self.sources.append(item.source)
             self.audio_sha1.append(songs[item.source][0] if plan else None)
             for chunk in plan:
                 start_beat, end_beat, start_frame, end_frame = chunk
@@ -302,12 +314,45 @@ class BeatDataset(torch.utils.data.Dataset):
         """(frames, N_CODEBOOKS) codes of item i's whole song: from the cache, or encoded and stored on first use."""
         codes = self.cache.get(self.audio_sha1[i])
         if codes is None:
+            if self.audio_tokenizer is None:
+                raise RuntimeError(f"{self.sources[i]}: audio codes not in the cache {self.cache.directory}, and this "
+                                   "copy of the dataset has no maps or audio model (call encode_songs() before pickling)")
             item = self.base[i]
             from audio import load_audio
             audio = load_audio(item.read_audio(), self.audio_tokenizer.sample_rate, name=item.source)
             codes = self.audio_tokenizer.encode(torch.from_numpy(audio)[None]).numpy()
             self.cache.put(self.audio_sha1[i], codes)
         return codes
+
+    def encode_songs(self, part=(0, 1), progress=True):
+        """Encode every song whose codes are not cached yet (each song once, whatever its difficulties).
+
+        part = (k, n): only the songs k, k + n, k + 2n, ... of the sorted song list (process k of n fills its share
+        of a cache the processes share)."""
+        # first_item = {audio_sha1: index of the first item using that song}, for songs that have chunks
+        first_item = {}
+        for i, _ in self.chunks:
+            first_item.setdefault(self.audio_sha1[i], i)
+        share = sorted(first_item)[part[0]::part[1]]
+        missing = [first_item[sha1] for sha1 in share if self.cache.get(sha1) is None]
+        for i in tqdm(missing, desc="encoding songs", unit="song", disable=not progress or not missing):
+            self.song_codes(i)
+
+    def __getstate__(self):
+        """A pickled BeatDataset carries neither the audio model (Encodec cannot be pickled) nor the maps: it reads
+        codes from its cache, so encode_songs() first. datasets fingerprints the training data by pickling it."""
+        return {**self.__dict__, "base": None, "audio_tokenizer": None}
+
+
+def training_stream(dataset, seed):
+    """BeatDataset → endless {"input_ids"} items: epoch e visits every chunk once, in the order of a permutation
+    seeded with seed + e. The same seed gives the same stream in every process and every run, so a resumed run
+    (which skips the items already trained on) and the ranks of a multi-GPU run (each takes every world_size-th
+    item) see exactly the order a single uninterrupted run would. A module-level function, so datasets pickles
+    it by reference whichever module train.py runs as."""
+    for epoch in itertools.count():
+        for index in np.random.default_rng(seed + epoch).permutation(len(dataset)):
+            yield dataset[int(index)]
 
 
 def song_facts(item):

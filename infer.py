@@ -13,8 +13,11 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,10 +31,66 @@ from maps import Note, read_map
 MAX_NOTES_PER_SECOND = 40     # generation budget per chunk; human Expert+ maps stay under ~20
 
 
+def pick_device(name=None) -> torch.device:
+    """--device value (None: the first GPU if any, else the CPU) → torch.device; ValueError for a GPU this machine lacks."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: not a device name ({e})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU on this machine (torch {torch.__version__}); use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 … "
+                             f"cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda[:N] are supported")
+    return device
+
+
+def model_dtype(device):
+    """bf16 where the GPU computes it natively; float32 elsewhere (CPUs, and GPUs that only emulate bf16 such as
+    T4/V100, where fp16 could give NaN logits on left-padded rows)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float32
+
+
 def load_model(model_dir, device):
+    """The causal LM train.py saved in model_dir, on device, in model_dtype(device); ValueError if it cannot load."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    device = torch.device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model_dtype(device))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
+        raise ValueError(f"{model_dir}: the model cannot be loaded ({type(e).__name__}: {e})") from None
+    return model.to(device).eval()
+
+
+def compile_problem():
+    """Why torch.compile (Triton) cannot build kernels here — no C compiler, or no Python headers — or None."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    missing = [what for what, ok in (("a C compiler (gcc or clang, or $CC)", compiler),
+                                     (f"the Python headers ({headers})", os.path.exists(headers))) if not ok]
+    return " and ".join(missing) or None
+
+
+KV_BYTES_HEADROOM = 0.8           # share of the free GPU memory the static KV caches of one generate call may use
+
+
+def chunks_per_call(model_config, tokens_per_chunk, free_bytes, dtype_bytes):
+    """How many chunks one generate call can hold: the static KV cache of one chunk is 2 (keys, values) ×
+    layers × KV heads × head size × dtype_bytes × tokens_per_chunk (prompt + generation budget), and all chunks'
+    caches must fit in KV_BYTES_HEADROOM of free_bytes. Qwen3-0.6B in bf16, a 30 s chunk: 114,688 bytes a token,
+    ≈ 0.8 GB a chunk. At least 1."""
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    cache_bytes = (2 * model_config.num_hidden_layers * model_config.num_key_value_heads * head_dim * dtype_bytes
+                   * tokens_per_chunk)
+    return max(1, int(KV_BYTES_HEADROOM * free_bytes // cache_bytes))
 
 
 class Progress:
@@ -46,7 +105,7 @@ class Progress:
 
 
 def generate_chunks(model, prompts, max_ticks, max_new_tokens, temperature=0.8, top_p=1.0, min_p=0.0,
-                    cache_implementation="static", progress=True):
+                    cache_implementation="static", disable_compile=False, progress=True):
     """prompts = [[prompt ids], ...] one per chunk; max_ticks = [last tick allowed per chunk] → [[(tick, type), ...], ...].
 
     All prompts go through one `generate` call, left-padded with PAD. Sampling warpers run after the grammar,
@@ -76,7 +135,7 @@ def generate_chunks(model, prompts, max_ticks, max_new_tokens, temperature=0.8, 
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             logits_processor=LogitsProcessorList(processors), do_sample=sample, temperature=1.0, top_p=1.0,
             top_k=None, max_new_tokens=max_new_tokens, eos_token_id=data.EOS, pad_token_id=data.PAD,
-            bos_token_id=data.BOS, cache_implementation=cache_implementation)
+            bos_token_id=data.BOS, cache_implementation=cache_implementation, disable_compile=disable_compile)
     bar.close()
     chunks = []
     for row in output[:, prompt_length:].tolist():
@@ -90,8 +149,9 @@ def generate_map(model, audio_tokenizer, audio, bpm, chunk_duration, temperature
                  max_seq_length=32767, batch_size=0, progress=True):
     """audio = (samples,) float32 at the tokenizer's rate, beat 0 at sample 0 → [Note(beat, x, y, color, direction), ...].
 
-    Notes from all chunks, sorted, without duplicates, none past the end of the song. All chunks go into one
-    generate call, or calls of batch_size chunks when batch_size > 0 (to bound GPU memory on long songs).
+    Notes from all chunks, sorted, without duplicates, none past the end of the song. The chunks go into generate
+    calls of batch_size chunks; batch_size 0: all in one call on a CPU, as many as the free GPU memory holds
+    (chunks_per_call) on a GPU.
     """
     duration_s = len(audio) / audio_tokenizer.sample_rate
     # codes = (frames, n_codebooks) for the whole song
@@ -101,11 +161,25 @@ def generate_map(model, audio_tokenizer, audio, bpm, chunk_duration, temperature
     max_ticks = [(end_beat - start_beat) * data.PPQ - 1 for start_beat, end_beat, _, _ in plan]
     budget = 2 * math.ceil(MAX_NOTES_PER_SECOND * chunk_duration) + 1
     max_new_tokens = min(budget, max_seq_length - max(len(p) for p in prompts))
+    disable_compile = False
+    if batch_size <= 0 and model.device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(model.device)
+        batch_size = chunks_per_call(model.config, max(len(p) for p in prompts) + max_new_tokens, free_bytes,
+                                     model.dtype.itemsize)
+    if model.device.type == "cuda" and compile_problem():
+        print(f"torch.compile needs {compile_problem()}: generating without it (slower; see README, GPU set-up)")
+        disable_compile = True
     step = batch_size if batch_size > 0 else len(prompts)
     chunks = []
+    start_s = time.perf_counter()
     for first in range(0, len(prompts), step):
         chunks += generate_chunks(model, prompts[first:first + step], max_ticks[first:first + step], max_new_tokens,
-                                  temperature, top_p, min_p, progress=progress)
+                                  temperature, top_p, min_p, disable_compile=disable_compile, progress=progress)
+    if progress:
+        elapsed_s = time.perf_counter() - start_s
+        # tokens = 2 per note + the EOS of each chunk
+        tokens = sum(2 * len(chunk) + 1 for chunk in chunks)
+        print(f"generated {len(chunks)} chunks: {tokens} tokens in {elapsed_s:.1f} s ({tokens / elapsed_s:.0f} tokens/s)")
     notes = set()
     for (start_beat, _, _, _), chunk in zip(plan, chunks):
         for tick, type_ in chunk:
@@ -115,40 +189,68 @@ def generate_map(model, audio_tokenizer, audio, bpm, chunk_duration, temperature
     return sorted(notes)
 
 
+def output_path(args, song_path):
+    """--output (or <song stem>_beatgen.zip) → the path to write, checked before any work: ValueError when it is a
+    folder but a file is asked for (or the reverse), lies under a file, or its folder cannot be created."""
+    output = args.output or f"{Path(song_path).stem}_beatgen.zip"
+    target = Path(output)
+    wants_file = output.lower().endswith((".zip", ".dat"))
+    if wants_file and target.is_dir():
+        raise ValueError(f"--output {output}: is a folder; give a file name ending in .zip or .dat")
+    if not wants_file and target.exists() and not target.is_dir():
+        raise ValueError(f"--output {output}: exists and is not a folder (a map folder is written there)")
+    if not wants_file and target.is_dir() and any(target.iterdir()):
+        raise ValueError(f"--output {output}: folder exists and is not empty; give a new folder name")
+    folder = target.parent if wants_file else target
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--output {output}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise ValueError(f"--output {output}: cannot write in {parent}")
+            break
+    return output
+
+
 def main(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     metadata = data.load_metadata(args.model_dir)
+    if args.output:
+        output_path(args, args.audio)
     chunk_duration = args.chunk_duration or metadata["chunk_duration"]
+    reference = read_reference(args) if args.reference else None
     with tempfile.TemporaryDirectory() as download_dir:
         song_path = utils.download_audio(args.audio, download_dir) if utils.is_url(args.audio) else args.audio
         if not os.path.isfile(song_path):
             raise ValueError(f"{song_path}: no such file")
-        audio_tokenizer = create_audio_tokenizer(metadata["bandwidth"], args.audio_model or metadata["audio_model"],
-                                                 device)
-        # audio = (samples,) float32 at 24 kHz, as the song file starts
-        audio = load_audio(song_path, audio_tokenizer.sample_rate)
-        reference = read_reference(args) if args.reference else None
+        output = output_path(args, song_path)
+        # audio = (samples,) float32 at the model's rate, as the song file starts
+        audio = load_audio(song_path, metadata["sample_rate"])
         bpm, lead_in_s = args.bpm, 0.0
         if bpm is None and reference is not None:
             bpm = reference[1]
         if bpm is None:
-            bpm, first_beat_s = utils.estimate_beat(audio, audio_tokenizer.sample_rate)
+            bpm, first_beat_s = utils.estimate_beat(audio, metadata["sample_rate"])
             lead_in_s = utils.lead_in_for_beat(bpm, first_beat_s)
             print(f"estimated tempo {bpm:.2f} BPM, first beat at {first_beat_s:.3f} s")
         if not 10 <= bpm <= 1000:
             raise ValueError(f"BPM {bpm} outside 10..1000")
+        model = load_model(args.model_dir, device)
+        audio_tokenizer = create_audio_tokenizer(metadata["bandwidth"], args.audio_model or metadata["audio_model"],
+                                                 device)
         # beat 0 of the map = sample 0 of the (padded) song
         padded = torch.cat([torch.zeros(round(lead_in_s * audio_tokenizer.sample_rate)), torch.from_numpy(audio)])
-        model = load_model(args.model_dir, device)
+        duration_s = len(padded) / audio_tokenizer.sample_rate
         notes = generate_map(model, audio_tokenizer, padded.numpy(), bpm, chunk_duration, args.temperature,
-                             args.top_p, args.min_p, metadata.get("max_seq_length", 32767), args.batch_size)
+                             args.top_p, args.min_p, metadata["max_seq_length"], args.batch_size)
         if args.snap:
             notes = utils.snap_notes(notes)
-        output = args.output or f"{Path(song_path).stem}_beatgen.zip"
+        if not notes:
+            raise ValueError(f"{song_path}: no notes were generated for {duration_s:.2f} s of audio at {bpm:g} BPM "
+                             "(too short, or silent); nothing written")
         written = utils.write_map(output, notes, bpm, song_path, difficulty=args.difficulty, lead_in_s=lead_in_s)
-        duration_s = len(padded) / audio_tokenizer.sample_rate
         print(f"wrote {written}: {len(notes)} notes, {len(notes) / duration_s:.2f} notes/s over {duration_s:.1f} s "
               f"at {bpm:g} BPM")
         if args.preview:
@@ -174,11 +276,23 @@ def read_reference(args):
     return beatmap.difficulties[key].notes, beatmap.bpm
 
 
+def positive_number(text):
+    """argparse type: a finite number > 0 (inf and nan are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", help="folder written by train.py (model, tokenizer, beatgen.json)")
     parser.add_argument("audio", help="song file (.ogg/.egg/.mp3/.wav/.flac) or a URL yt-dlp can download")
-    parser.add_argument("--bpm", type=float, default=None, help="song tempo; estimated from the audio when omitted")
+    parser.add_argument("--bpm", type=positive_number, default=None,
+                        help="song tempo, 10..1000; estimated from the audio when omitted")
     parser.add_argument("--output", default=None,
                         help="'.zip' ready-to-play map (default <song>_beatgen.zip), '.dat' difficulty only, "
                              "else a map folder")
@@ -188,11 +302,13 @@ def parse_args(argv=None):
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1.0: off")
     parser.add_argument("--min_p", type=float, default=0.0, help="min-p sampling; 0: off")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible maps")
-    parser.add_argument("--chunk_duration", type=float, default=None, help="seconds per chunk (default: as trained)")
+    parser.add_argument("--chunk_duration", type=positive_number, default=None,
+                        help="seconds per chunk (default: as trained)")
     parser.add_argument("--audio_model", default=None, help="Encodec hub id or folder (default: as trained)")
     parser.add_argument("--batch_size", type=int, default=0,
-                        help="chunks per generate call; 0: the whole song in one call (lower it if GPU memory runs out)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+                        help="chunks per generate call; 0: all of them on a CPU, as many as the free memory holds "
+                             "on a GPU")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--snap", action="store_true",
                         help="move notes within 1/32 beat of a 1/1…1/8 grid onto it (off: ticks as generated)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG of the map and a click track")

@@ -97,9 +97,29 @@ def write_map(out_path, notes, bpm, song_path, difficulty="ExpertPlus", lead_in_
                 archive.writestr(name, data)
         _write_atomic(out_path, buffer.getvalue())
     else:
-        for name, data in files.items():
-            _write_atomic(os.path.join(out_path, name), data)
+        _write_folder_atomic(out_path, files)
     return out_path
+
+
+def _write_folder_atomic(path, files):
+    """files = {name: bytes} → a new folder at path, written completely or not at all: the files go into a
+    temporary folder beside it, which is renamed to path. ValueError when path exists and is not an empty folder."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise ValueError(f"{path}: exists and is not an empty folder")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        os.chmod(temporary, 0o755)   # mkdtemp makes the folder private; a map is for everyone to read
+        for name, data in files.items():
+            with open(os.path.join(temporary, name), "wb") as out:
+                out.write(data)
+        if os.path.isdir(path):
+            os.rmdir(path)           # the empty folder the user named
+        os.rename(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def _check_notes(notes, song_beats):

@@ -34,11 +34,10 @@ def tiny_model(hidden, layers):
 def qwen3_06b():
     """The Qwen3-0.6B-Base architecture (its config.json values) with random weights."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from conftest import QWEN3_06B
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
-                         rope_theta=1000000, tie_word_embeddings=True)
-    return Qwen3ForCausalLM(config).eval()
+    return Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B)).eval()
 
 
 def cache_comparison(model, prompt, new_tokens, repeat):

@@ -22,14 +22,20 @@ SAMPLE_RATE = 24000
 
 
 def tiny_encodec_model(seed=0):
-    """A small random transformers EncodecModel (24 kHz, hop 320 → 75 frames/s) whose codebooks give varied codes.
+    """A small random transformers EncodecModel (24 kHz, hop 320 → 75 frames/s) whose codebooks give varied codes."""
+    from transformers import EncodecConfig
+    return random_encodec_model(EncodecConfig(num_filters=8, hidden_size=32, codebook_dim=32, num_residual_layers=1,
+                                              num_lstm_layers=1), seed)
+
+
+def random_encodec_model(config, seed=0):
+    """A random transformers EncodecModel of this config whose codebooks give varied codes.
 
     A random EncodecModel has all-zero codebooks (every code 0). Codebook k is drawn from the statistics of its
     own input — the residual left after codebooks < k — measured on noise and clicks.
     """
-    from transformers import EncodecConfig, EncodecModel
+    from transformers import EncodecModel
     torch.manual_seed(seed)
-    config = EncodecConfig(num_filters=8, hidden_size=32, codebook_dim=32, num_residual_layers=1, num_lstm_layers=1)
     model = EncodecModel(config).eval()
     rng = np.random.default_rng(seed)
     probe = rng.normal(0, 0.1, SAMPLE_RATE * 4).astype(np.float32)
@@ -45,14 +51,24 @@ def tiny_encodec_model(seed=0):
     return model
 
 
+# Qwen3-0.6B-Base's config.json values: the real architecture, built here with random weights (no hub)
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+                 rope_theta=1000000, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
 def tiny_qwen(path, hidden=64, layers=2, seed=0):
     """Save a small random Qwen3 (vocab 14,592 ≥ the token space) to path; returns the path as str."""
+    return random_qwen(path, dict(vocab_size=14592, hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=hidden // 4, max_position_embeddings=4096, tie_word_embeddings=True), seed)
+
+
+def random_qwen(path, config_values, seed=0):
+    """Save a random Qwen3ForCausalLM with these Qwen3Config values to path; returns the path as str."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=14592, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                         max_position_embeddings=4096, tie_word_embeddings=True)
-    Qwen3ForCausalLM(config).save_pretrained(path)
+    Qwen3ForCausalLM(Qwen3Config(**config_values)).save_pretrained(path)
     return str(path)
 
 

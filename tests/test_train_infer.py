@@ -109,6 +109,19 @@ def test_metadata_errors(tmp_path):
     (tmp_path / "beatgen.json").write_text("{broken")
     with pytest.raises(ValueError, match="unreadable"):
         data.load_metadata(tmp_path)
+    good = {"token_space_version": 1, "vocab_used": 14582, "ppq": 48, "audio_model": "facebook/encodec_24khz",
+            "bandwidth": 1.5, "sample_rate": 24000, "frame_rate": 75.0, "n_codebooks": 2, "chunk_duration": 30.0,
+            "max_seq_length": 32767}
+    (tmp_path / "beatgen.json").write_text(json.dumps(good))
+    assert data.load_metadata(tmp_path) == good
+    for key, bad in [("audio_model", None), ("audio_model", 3), ("bandwidth", "1.5"), ("chunk_duration", float("nan")),
+                     ("chunk_duration", -4), ("sample_rate", 24000.5), ("max_seq_length", True), ("frame_rate", None)]:
+        (tmp_path / "beatgen.json").write_text(json.dumps({**good, key: bad}))
+        with pytest.raises(ValueError, match=f"{key} is"):
+            data.load_metadata(tmp_path)
+    (tmp_path / "beatgen.json").write_text(json.dumps({k: v for k, v in good.items() if k != "bandwidth"}))
+    with pytest.raises(ValueError, match="bandwidth is None"):
+        data.load_metadata(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +227,8 @@ def test_infer_from_url_without_bpm_with_preview_and_reference(trained, tmp_path
     capsys.readouterr()
     infer.main(infer.parse_args([trained["model_dir"], url, "--seed", "0", "--reference", str(reference),
                                  "--json", "--output", str(tmp_path / "scored.zip")]))
-    card = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    out = capsys.readouterr().out
+    card = json.loads(out[out.index("\n{") + 1:])          # the card is printed last, after the progress lines
     assert card["reference"]["notes"] == 16 and "f1" in card["onset_20ms"]
 
 
