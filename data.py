@@ -524,20 +524,30 @@ def audio_masking_collator(batch):
 
 # ---- generation grammar ----
 
+CLOSING_TOKENS = 6     # tokens left at which a constrained row ends: ≤ 2 notes (one per hand its end needs) + EOS
+
+
 class NoteGrammar:
     """transformers LogitsProcessor keeping generated notes well formed, for a left-padded batch of prompts.
 
     After the prompt a row alternates tick, note type, tick, note type, …; EOS may come only where a tick could.
     Ticks never decrease within a row and stay ≤ max_ticks[row] (the last tick inside that row's chunk); note
     types use directions 0..8 (9 is not a game direction). After EOS a row may only produce PAD.
+
+    states (optional): one object per row with utils.PlayState's interface, which further masks the ticks and note
+    types (in note space: its candidates are NOTE_TYPE_FIELDS) so that the notes are playable; max_new_tokens
+    tells when a row must close (CLOSING_TOKENS). The mask only removes choices; the model picks among the rest.
     """
 
-    def __init__(self, prompt_length, max_ticks):
+    def __init__(self, prompt_length, max_ticks, states=None, max_new_tokens=None):
         self.prompt_length = prompt_length
         self.max_ticks = torch.as_tensor(max_ticks, dtype=torch.long)      # (B,) last allowed tick per row
         self.tick_ids = torch.arange(SIZES["tick"])
         types = torch.arange(SIZES["note_type"])
         self.valid_types = types % N_DIRECTIONS < 9                          # (240,) bool
+        self.states = states
+        self.max_new_tokens = max_new_tokens
+        self.closing = [False] * len(self.max_ticks)                         # per row: closing since its last tick
 
     def __call__(self, input_ids, scores):
         # input_ids = (B, prompt_length + n) ids so far; scores = (B, V) logits for the next id
@@ -553,6 +563,33 @@ class NoteGrammar:
                 (ticks >= last_tick.to(scores.device)[:, None]) & (ticks <= self.max_ticks.to(scores.device)[:, None]))
             allowed[:, EOS] = True
         finished = (generated == EOS).any(dim=1)
+        if self.states is not None:
+            self._play(allowed, generated, n, finished.tolist())
         allowed[finished] = False
         allowed[finished, PAD] = True
         return scores.masked_fill(~allowed, float("-inf"))
+
+    def _play(self, allowed, generated, n, finished):
+        """allowed = (B, V) bool, narrowed in place row by row by the play states."""
+        last = generated[:, -1].tolist() if n else [None] * len(finished)
+        for row, state in enumerate(self.states):
+            if finished[row]:
+                continue
+            if n % 2 == 1:      # the last token was a tick: the note type at it
+                state.at(last[row] - TICK_OFFSET)
+                types = torch.from_numpy(state.type_mask(self.closing[row]))
+                allowed[row, NOTE_TYPE_OFFSET:NOTE_TYPE_OFFSET + SIZES["note_type"]] &= types.to(allowed.device)
+                continue
+            if n:               # the last token was a note type
+                state.push(last[row] - NOTE_TYPE_OFFSET)
+            self.closing[row] = (self.max_new_tokens is not None
+                                 and self.max_new_tokens - n <= CLOSING_TOKENS)
+            ticks, eos = state.tick_mask(self.closing[row])
+            row_ticks = torch.zeros(SIZES["tick"], dtype=torch.bool)
+            row_ticks[:len(ticks)] = torch.from_numpy(ticks)
+            allowed[row, TICK_OFFSET:TICK_OFFSET + SIZES["tick"]] &= row_ticks.to(allowed.device)
+            allowed[row, EOS] = bool(eos)
+
+
+# NOTE_TYPE_FIELDS[t] = (x, y, color, direction) of note type t: the candidates a play state masks
+NOTE_TYPE_FIELDS = np.array([note_fields(t) for t in range(SIZES["note_type"])])

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -105,8 +106,9 @@ class Progress:
 
 
 def generate_chunks(model, prompts, max_ticks, max_new_tokens, temperature=0.8, top_p=1.0, min_p=0.0,
-                    cache_implementation="static", disable_compile=False, progress=True):
+                    cache_implementation="static", disable_compile=False, states=None, progress=True):
     """prompts = [[prompt ids], ...] one per chunk; max_ticks = [last tick allowed per chunk] → [[(tick, type), ...], ...].
+    states: one utils.PlayState per chunk (the playability constraint), or None for the token grammar alone.
 
     All prompts go through one `generate` call, left-padded with PAD. Sampling warpers run after the grammar,
     so they only ever choose among allowed tokens; temperature 0 decodes greedily.
@@ -120,7 +122,7 @@ def generate_chunks(model, prompts, max_ticks, max_new_tokens, temperature=0.8, 
     for row, prompt in enumerate(prompts):
         input_ids[row, prompt_length - len(prompt):] = torch.tensor(prompt)
         attention_mask[row, prompt_length - len(prompt):] = 1
-    processors = [data.NoteGrammar(prompt_length, max_ticks)]
+    processors = [data.NoteGrammar(prompt_length, max_ticks, states, max_new_tokens)]
     sample = temperature > 0
     if sample:
         processors.append(TemperatureLogitsWarper(temperature))
@@ -145,22 +147,32 @@ def generate_chunks(model, prompts, max_ticks, max_new_tokens, temperature=0.8, 
     return chunks
 
 
-def generate_map(model, audio_tokenizer, audio, bpm, chunk_duration, temperature=0.8, top_p=1.0, min_p=0.0,
-                 max_seq_length=32767, batch_size=0, progress=True):
-    """audio = (samples,) float32 at the tokenizer's rate, beat 0 at sample 0 → [Note(beat, x, y, color, direction), ...].
+def generate_map(model, audio_tokenizer, audio, bpm, chunk_duration, difficulties=("ExpertPlus",), temperature=0.8,
+                 top_p=1.0, min_p=0.0, max_seq_length=32767, batch_size=0, constrained=True, progress=True):
+    """audio = (samples,) float32 at the tokenizer's rate, beat 0 at sample 0 → {difficulty: [Note, ...]}.
 
-    Notes from all chunks, sorted, without duplicates, none past the end of the song. The chunks go into generate
-    calls of batch_size chunks; batch_size 0: all in one call on a CPU, as many as the free GPU memory holds
-    (chunks_per_call) on a GPU.
+    The song is encoded once; every (difficulty, chunk) is one row of the generate calls: batch_size rows a call,
+    or with batch_size 0 all of them on a CPU and as many as the free GPU memory holds (chunks_per_call) on a GPU.
+    constrained: each row carries a utils.PlayState for its difficulty (playable by construction, seams included:
+    spec.md); else only the token grammar applies. Notes are sorted, without duplicates, none past the song's end.
     """
     duration_s = len(audio) / audio_tokenizer.sample_rate
     # codes = (frames, n_codebooks) for the whole song
     codes = audio_tokenizer.encode(torch.from_numpy(audio)[None]).numpy()
     plan = data.chunk_plan(duration_s, bpm, chunk_duration, audio_tokenizer.frame_rate)
+    tick_s = 60 / bpm / data.PPQ
+    # last_ticks[k] = chunk k's last tick that starts inside the song
+    last_ticks = [min((end_beat - start_beat) * data.PPQ, math.ceil((duration_s - start_beat * 60 / bpm) / tick_s)) - 1
+                  for start_beat, end_beat, _, _ in plan]
     prompts = [data.prompt_tokens(codes[start_frame:end_frame]) for _, _, start_frame, end_frame in plan]
-    max_ticks = [(end_beat - start_beat) * data.PPQ - 1 for start_beat, end_beat, _, _ in plan]
     budget = 2 * math.ceil(MAX_NOTES_PER_SECOND * chunk_duration) + 1
     max_new_tokens = min(budget, max_seq_length - max(len(p) for p in prompts))
+    # rows = [(difficulty, chunk index), ...]
+    rows = [(difficulty, k) for difficulty in difficulties for k in range(len(plan))]
+    states = None
+    if constrained:
+        onsets_s = utils.audio_onsets(audio, audio_tokenizer.sample_rate)
+        states = [play_state(difficulty, plan, k, last_ticks[k], bpm, onsets_s) for difficulty, k in rows]
     disable_compile = False
     if batch_size <= 0 and model.device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(model.device)
@@ -169,24 +181,39 @@ def generate_map(model, audio_tokenizer, audio, bpm, chunk_duration, temperature
     if model.device.type == "cuda" and compile_problem():
         print(f"torch.compile needs {compile_problem()}: generating without it (slower; see README, GPU set-up)")
         disable_compile = True
-    step = batch_size if batch_size > 0 else len(prompts)
+    step = batch_size if batch_size > 0 else len(rows)
     chunks = []
     start_s = time.perf_counter()
-    for first in range(0, len(prompts), step):
-        chunks += generate_chunks(model, prompts[first:first + step], max_ticks[first:first + step], max_new_tokens,
-                                  temperature, top_p, min_p, disable_compile=disable_compile, progress=progress)
+    for first in range(0, len(rows), step):
+        batch = rows[first:first + step]
+        chunks += generate_chunks(model, [prompts[k] for _, k in batch], [last_ticks[k] for _, k in batch],
+                                  max_new_tokens, temperature, top_p, min_p, disable_compile=disable_compile,
+                                  states=states[first:first + step] if states else None, progress=progress)
     if progress:
         elapsed_s = time.perf_counter() - start_s
         # tokens = 2 per note + the EOS of each chunk
         tokens = sum(2 * len(chunk) + 1 for chunk in chunks)
         print(f"generated {len(chunks)} chunks: {tokens} tokens in {elapsed_s:.1f} s ({tokens / elapsed_s:.0f} tokens/s)")
-    notes = set()
-    for (start_beat, _, _, _), chunk in zip(plan, chunks):
+    if states and sum(state.dead_ends for state in states):
+        print(f"warning: the play constraint was cornered {sum(state.dead_ends for state in states)} times")
+    notes = {difficulty: set() for difficulty in difficulties}
+    for (difficulty, k), chunk in zip(rows, chunks):
+        start_beat = plan[k][0]
         for tick, type_ in chunk:
-            beat = start_beat + tick / data.PPQ
-            if beat * 60 / bpm < duration_s:
-                notes.add(Note(beat, *data.note_fields(type_)))
-    return sorted(notes)
+            notes[difficulty].add(Note(start_beat + tick / data.PPQ, *data.note_fields(type_)))
+    return {difficulty: sorted(chunk_notes) for difficulty, chunk_notes in notes.items()}
+
+
+def play_state(difficulty, plan, k, last_tick, bpm, onsets_s):
+    """The utils.PlayState of chunk k of plan for a difficulty: ticks 0..last_tick in seconds; seams to the chunks
+    before and after bounded as SegmentStart.seam / SegmentEnd.seam say, the song's start and end exact."""
+    rules = utils.DIFFICULTIES[difficulty]
+    start_beat, end_beat = plan[k][:2]
+    start_s, end_s = start_beat * 60 / bpm, end_beat * 60 / bpm
+    times_s = start_s + np.arange(last_tick + 1) * 60 / bpm / data.PPQ
+    start = utils.SegmentStart.seam(start_s, rules) if k > 0 else utils.SegmentStart.song_start()
+    end = utils.SegmentEnd.seam(end_s, rules) if k < len(plan) - 1 else utils.SegmentEnd.song_end()
+    return utils.PlayState(rules, times_s, data.NOTE_TYPE_FIELDS, onsets_s, start, end)
 
 
 def output_path(args, song_path):
@@ -229,8 +256,8 @@ def main(args):
         # audio = (samples,) float32 at the model's rate, as the song file starts
         audio = load_audio(song_path, metadata["sample_rate"])
         bpm, lead_in_s = args.bpm, 0.0
-        if bpm is None and reference is not None:
-            bpm = reference[1]
+        if bpm is None and reference:
+            bpm = next(iter(reference.values()))[1]
         if bpm is None:
             bpm, first_beat_s = utils.estimate_beat(audio, metadata["sample_rate"])
             lead_in_s = utils.lead_in_for_beat(bpm, first_beat_s)
@@ -243,37 +270,52 @@ def main(args):
         # beat 0 of the map = sample 0 of the (padded) song
         padded = torch.cat([torch.zeros(round(lead_in_s * audio_tokenizer.sample_rate)), torch.from_numpy(audio)])
         duration_s = len(padded) / audio_tokenizer.sample_rate
-        notes = generate_map(model, audio_tokenizer, padded.numpy(), bpm, chunk_duration, args.temperature,
-                             args.top_p, args.min_p, metadata["max_seq_length"], args.batch_size)
+        difficulties = args.difficulties or [args.difficulty]
+        maps_notes = generate_map(model, audio_tokenizer, padded.numpy(), bpm, chunk_duration, difficulties,
+                                  args.temperature, args.top_p, args.min_p, metadata["max_seq_length"],
+                                  args.batch_size, constrained=not args.unconstrained)
         if args.snap:
-            notes = utils.snap_notes(notes)
-        if not notes:
+            maps_notes = {name: utils.snap_notes(notes) for name, notes in maps_notes.items()}
+        if not any(maps_notes.values()):
             raise ValueError(f"{song_path}: no notes were generated for {duration_s:.2f} s of audio at {bpm:g} BPM "
                              "(too short, or silent); nothing written")
-        written = utils.write_map(output, notes, bpm, song_path, difficulty=args.difficulty, lead_in_s=lead_in_s)
-        print(f"wrote {written}: {len(notes)} notes, {len(notes) / duration_s:.2f} notes/s over {duration_s:.1f} s "
-              f"at {bpm:g} BPM")
+        written = utils.write_map(output, maps_notes, bpm, song_path, lead_in_s=lead_in_s)
+        print(f"wrote {written}: {', '.join(maps_notes)} over {duration_s:.1f} s at {bpm:g} BPM")
+        for name, notes in maps_notes.items():
+            print(f"  {name}: {score_line(notes, bpm)}")
+        hardest = max(maps_notes, key=lambda name: utils.DIFFICULTIES[name].rank)
         if args.preview:
             stem = os.path.splitext(written)[0]
-            utils.write_preview(notes, bpm, song_path, stem + "_preview.png", stem + "_clicks.wav", lead_in_s)
-            print(f"preview: {stem}_preview.png, {stem}_clicks.wav")
-        if reference is not None:
-            ref_notes, ref_bpm = reference
+            utils.write_preview(maps_notes[hardest], bpm, song_path, stem + "_preview.png", stem + "_clicks.wav",
+                                lead_in_s)
+            print(f"preview ({hardest}): {stem}_preview.png, {stem}_clicks.wav")
+        for name, (ref_notes, ref_bpm) in (reference or {}).items():
             # generated beats count from the padded song's start; the reference's from the original song's start
-            shifted = [n._replace(beat=n.beat - lead_in_s * bpm / 60) for n in notes]
+            shifted = [n._replace(beat=n.beat - lead_in_s * bpm / 60) for n in maps_notes[name]]
             card = utils.score_card(shifted, ref_notes, bpm, ref_bpm)
+            print(f"{name} against {args.reference}:")
             print(json.dumps(card, indent=2) if args.json else utils.format_score_card(card))
     return written
 
 
+def score_line(notes, bpm):
+    """One line of a map's playability card: notes, NPS, parity errors per hand, vision blocks, impossible doubles."""
+    stats = utils.map_stats(notes, bpm)
+    return (f"{stats['notes']} notes, {stats['nps']:.2f} NPS, parity errors {stats['parity_errors_red']} red / "
+            f"{stats['parity_errors_blue']} blue, vision blocks {stats['vision_blocks']}, "
+            f"impossible doubles {stats['impossible_doubles']}")
+
+
 def read_reference(args):
-    """(notes, bpm) of the reference map's --characteristic/--difficulty."""
+    """{difficulty: (notes, bpm)} of the reference map's Standard difficulties among those asked for; ValueError
+    when it has none of them."""
     beatmap = read_map(args.reference)
-    key = ("Standard", args.difficulty)
-    if key not in beatmap.difficulties:
-        raise ValueError(f"{args.reference}: no {key[0]} {key[1]} difficulty "
-                         f"(has {sorted(beatmap.difficulties)})")
-    return beatmap.difficulties[key].notes, beatmap.bpm
+    found = {name: (beatmap.difficulties[("Standard", name)].notes, beatmap.bpm)
+             for name in (args.difficulties or [args.difficulty]) if ("Standard", name) in beatmap.difficulties}
+    if not found:
+        raise ValueError(f"{args.reference}: no Standard {'/'.join(args.difficulties or [args.difficulty])} "
+                         f"difficulty (has {sorted(beatmap.difficulties)})")
+    return found
 
 
 def positive_number(text):
@@ -296,8 +338,14 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=None,
                         help="'.zip' ready-to-play map (default <song>_beatgen.zip), '.dat' difficulty only, "
                              "else a map folder")
-    parser.add_argument("--difficulty", default="ExpertPlus", choices=["Easy", "Normal", "Hard", "Expert", "ExpertPlus"],
-                        help="difficulty name written into the map (and read from --reference)")
+    parser.add_argument("--difficulty", default="ExpertPlus", choices=list(utils.DIFFICULTIES),
+                        help="how hard the map is: its density and shortest gaps follow human maps of that "
+                             "difficulty (README: Difficulty); also the difficulty read from --reference")
+    parser.add_argument("--difficulties", nargs="+", default=None, choices=list(utils.DIFFICULTIES),
+                        help="several difficulties into one map from one audio encoding (instead of --difficulty)")
+    parser.add_argument("--unconstrained", action="store_true",
+                        help="research: only the token grammar, no playability or difficulty constraint "
+                             "(default: every map playable by construction)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1.0: off")
     parser.add_argument("--min_p", type=float, default=0.0, help="min-p sampling; 0: off")
@@ -310,7 +358,8 @@ def parse_args(argv=None):
                              "on a GPU")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--snap", action="store_true",
-                        help="move notes within 1/32 beat of a 1/1…1/8 grid onto it (off: ticks as generated)")
+                        help="move notes within 1/32 beat of a 1/1…1/8 grid onto it (off: ticks as generated; the "
+                             "moves are tiny, but the score line shows if one undid the playability guarantee)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG of the map and a click track")
     parser.add_argument("--reference", default=None, help="human map (zip/folder) to score the result against")
     parser.add_argument("--json", action="store_true", help="print the score card as JSON")

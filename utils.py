@@ -11,6 +11,7 @@ import tempfile
 import textwrap
 import urllib.parse
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import librosa
@@ -27,11 +28,8 @@ from maps import Note, read_map
 
 
 # ---- map writing, chains, snapping, tempo, downloads, previews (issue 4) ----
-DIFFICULTY_RANKS = {"Easy": 1, "Normal": 3, "Hard": 5, "Expert": 7, "ExpertPlus": 9}
-# difficulty → (note jump speed, note jump start beat offset), close to the official levels
-NOTE_JUMP = {"Easy": (10.0, 0.0), "Normal": (10.0, 0.0), "Hard": (12.0, 0.0), "Expert": (16.0, 0.0),
-             "ExpertPlus": (18.0, 0.0)}
 LEVEL_AUTHOR = "beatgen"
+GENERATOR_VERSION = "0.1.0"      # written into every map's Info.dat _customData._editors
 LIGHTS_ON = (0, 1, 2, 3, 4)      # v3 basic event types switched on (value 1, blue) at beat 0, so the stage is lit
 SONG_RATE = 44100                # Hz of a song.egg converted from another format
 AUDIO_BLOCK_FRAMES = 65536       # soundfile's Vorbis encoder crashes on one long write (corrections.md §6)
@@ -47,48 +45,61 @@ ONSET_HOP_S, ONSET_FRAME_S = 0.0025, 0.02   # short frames for onset times (≈ 
 ONSET_MELS = 40                  # mel bands of those short frames (more leave bands empty)
 ONSET_SPLIT_HZ = 250             # onsets below (kick, bass) and above weigh the same in the beat phase
 BEAT_WINDOW = 1 / 10             # onsets within this many beats of the grid fit the final line
+QUIET_DB = -40.0                 # dB below the song's loud frames (95th percentile RMS) where the music counts as quiet
 DOWNLOADABLE = {".ogg", ".egg", ".mp3", ".wav", ".flac", ".opus"}   # what audio.load_audio decodes without ffmpeg
 
 
-def write_map(out_path, notes, bpm, song_path, difficulty="ExpertPlus", lead_in_s=0.0,
-              song_name=None, song_author=None, cover_path=None) -> str:
-    """Write one Standard difficulty as a map BeatSaver accepts; returns out_path.
+def write_map(out_path, difficulties, bpm, song_path, lead_in_s=0.0, song_name=None, song_author=None,
+              cover_path=None) -> str:
+    """Write Standard difficulties as a map BeatSaver accepts; returns out_path.
 
-    notes = [Note(beat, x, y, color, direction), ...] in beats of `bpm`; beat 0 is lead_in_s into the written
-    song, so a time t_s of the original song is beat (t_s + lead_in_s) * bpm / 60.
-    out_path ending ".zip" → a zip of Info.dat (2.0.0), <difficulty>Standard.dat (3.3.0, every field written),
-    song.egg and cover.jpg; ".dat" → only the difficulty file; anything else → a folder of those four files.
+    difficulties = {"Expert": [Note(beat, x, y, color, direction), ...], ...} (names from DIFFICULTIES), notes in
+    beats of `bpm`; beat 0 is lead_in_s into the written song, so a time t_s of the original song is beat
+    (t_s + lead_in_s) * bpm / 60.
+    out_path ending ".zip" → a zip of Info.dat (2.0.0; each difficulty listed with its rank, NJS and offset; the
+    generator named in _customData._editors), <difficulty>Standard.dat (3.3.0, every field written) per difficulty,
+    song.egg and cover.jpg; ".dat" → only the difficulty file (exactly one difficulty); anything else → a new folder of
+    those files, written completely or not at all.
     song.egg = the song as Ogg Vorbis after lead_in_s seconds of silence (an Ogg Vorbis song with no lead-in is
     copied as is; anything else is decoded by audio.load_audio to 44.1 kHz mono and encoded).
     song_name / song_author default to the song's title / artist tags, else its file stem / "".
     cover_path: an image, centre-cropped to a square; None → a generated one.
-    Raises ValueError for an unknown difficulty, a bpm outside 10..1000, a negative lead_in_s or the first note
+    Raises ValueError for no or an unknown difficulty, a bpm outside 10..1000, a negative lead_in_s or the first note
     the game or BeatSaver would reject (beat outside 0..song length, x, y, color or direction out of range);
     nothing is written then, and no note is ever dropped or moved.
     """
     out_path = os.fspath(out_path)
-    if difficulty not in DIFFICULTY_RANKS:
-        raise ValueError(f"difficulty {difficulty!r} is not one of {', '.join(DIFFICULTY_RANKS)}")
+    unknown = [name for name in difficulties if name not in DIFFICULTIES]
+    if not difficulties or unknown:
+        raise ValueError(f"difficulties {unknown or 'none'}: each must be one of {', '.join(DIFFICULTIES)}")
     if not 10 <= bpm <= 1000:
         raise ValueError(f"bpm {bpm} is outside 10..1000")
     if not lead_in_s >= 0:
         raise ValueError(f"lead_in_s {lead_in_s} is negative")
     only_dat = out_path.lower().endswith(".dat")
+    if only_dat and len(difficulties) != 1:
+        raise ValueError(f"{out_path}: a .dat file holds one difficulty, not {len(difficulties)}")
     # song_egg = Ogg Vorbis bytes of the song as written (lead-in included); None when only the .dat is written
     song_egg = None if only_dat else _song_egg(song_path, lead_in_s)
     duration_s = audio_duration_s(song_path) + lead_in_s if only_dat else audio_duration_s(song_egg)
-    _check_notes(notes, duration_s * bpm / 60)
-    dat_name = f"{difficulty}Standard.dat"
-    dat = json.dumps(_difficulty_v3(notes)).encode()
+    # names = the difficulties from easiest to hardest; dats = {file name: v3 difficulty JSON bytes}
+    names = sorted(difficulties, key=lambda name: DIFFICULTIES[name].rank)
+    dats = {}
+    for name in names:
+        try:
+            _check_notes(difficulties[name], duration_s * bpm / 60)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        dats[f"{name}Standard.dat"] = json.dumps(_difficulty_v3(difficulties[name])).encode()
     if only_dat:
-        _write_atomic(out_path, dat)
+        _write_atomic(out_path, next(iter(dats.values())))
         return out_path
     title, artist = _song_tags(song_path)
     song_name = song_name or title or Path(song_path).stem
     song_author = song_author if song_author is not None else artist
-    info = _info_v2(bpm, difficulty, dat_name, song_name, song_author, duration_s)
+    info = _info_v2(bpm, names, song_name, song_author, duration_s)
     # files = {name in the map: bytes}
-    files = {"Info.dat": json.dumps(info, indent=2).encode(), dat_name: dat, "song.egg": song_egg,
+    files = {"Info.dat": json.dumps(info, indent=2).encode(), **dats, "song.egg": song_egg,
              "cover.jpg": _cover_jpg(cover_path, song_name)}
     if out_path.lower().endswith(".zip"):
         buffer = io.BytesIO()
@@ -160,9 +171,10 @@ def _difficulty_v3(notes) -> dict:
     }
 
 
-def _info_v2(bpm, difficulty, dat_name, song_name, song_author, duration_s) -> dict:
-    """Info.dat 2.0.0 for one Standard difficulty, song.egg and cover.jpg; every field BeatSaver checks is present."""
-    njs, offset_beats = NOTE_JUMP[difficulty]
+def _info_v2(bpm, names, song_name, song_author, duration_s) -> dict:
+    """Info.dat 2.0.0 for the Standard difficulties `names` (easiest first), song.egg and cover.jpg; every field
+    BeatSaver checks is present, and _customData._editors names the generator (BeatSaver asks that AI-made maps be
+    declared; mapping tools record themselves there the same way)."""
     preview_start_s = max(0.0, min(duration_s / 3, duration_s - PREVIEW_S))
     return {
         "_version": "2.0.0",
@@ -180,15 +192,17 @@ def _info_v2(bpm, difficulty, dat_name, song_name, song_author, duration_s) -> d
         "_coverImageFilename": "cover.jpg",
         "_environmentName": "DefaultEnvironment",
         "_allDirectionsEnvironmentName": "GlassDesertEnvironment",
+        "_customData": {"_editors": {"_lastEditedBy": LEVEL_AUTHOR,
+                                     LEVEL_AUTHOR: {"version": GENERATOR_VERSION, "generated": True}}},
         "_difficultyBeatmapSets": [{
             "_beatmapCharacteristicName": "Standard",
             "_difficultyBeatmaps": [{
-                "_difficulty": difficulty,
-                "_difficultyRank": DIFFICULTY_RANKS[difficulty],
-                "_beatmapFilename": dat_name,
-                "_noteJumpMovementSpeed": njs,
-                "_noteJumpStartBeatOffset": offset_beats,
-            }],
+                "_difficulty": name,
+                "_difficultyRank": DIFFICULTIES[name].rank,
+                "_beatmapFilename": f"{name}Standard.dat",
+                "_noteJumpMovementSpeed": DIFFICULTIES[name].njs,
+                "_noteJumpStartBeatOffset": DIFFICULTIES[name].offset_beats,
+            } for name in names],
         }],
     }
 
@@ -363,6 +377,20 @@ def estimate_beat(audio, sample_rate) -> tuple[float, float]:
     if len(np.unique(beats[on_grid])) >= 4:
         period_s, first_beat_s = np.polyfit(beats[on_grid], onsets_s[on_grid], 1)
     return float(60 / period_s), float(first_beat_s % period_s)
+
+
+def audio_onsets(audio, sample_rate) -> np.ndarray:
+    """audio = (samples,) float mono → (onsets,) float seconds of librosa's onsets, sorted, without those in quiet
+    passages (a frame more than QUIET_DB below the song's loud frames): the music onsets a map follows."""
+    audio = np.asarray(audio, dtype=np.float32)
+    onsets_s = librosa.onset.onset_detect(y=audio, sr=sample_rate, hop_length=TEMPO_HOP, units="time")
+    # rms = (frames,) loudness at TEMPO_HOP samples per frame
+    rms = librosa.feature.rms(y=audio, hop_length=TEMPO_HOP)[0]
+    if not len(rms) or not rms.any():
+        return np.zeros(0)
+    loud = np.percentile(rms, 95)
+    frames = np.minimum((onsets_s * sample_rate / TEMPO_HOP).astype(int), len(rms) - 1)
+    return np.sort(onsets_s[rms[frames] >= loud * 10 ** (QUIET_DB / 20)])
 
 
 def lead_in_for_beat(bpm, first_beat_s) -> float:
@@ -789,6 +817,381 @@ def format_score_card(card):
               f"KL(human || generated), add-one smoothed, nats: direction {card['direction_kl']:.3f}, "
               f"position {card['position_kl']:.3f}"]
     return "\n".join(lines)
+
+
+# ---- playable by construction (issue 11) ----
+# The constraint the generation grammar applies, in note space: which notes may come next so that the finished map
+# has, by the score card's rules above, no parity error, no vision block and no impossible double, and follows the
+# chosen difficulty. It works in seconds (each tick's time is given), on one segment of the song at a time (a chunk,
+# or the range a regeneration replaces), whose neighbours are described by a SegmentStart and a SegmentEnd. It only
+# ever removes options (the model picks among what is left) and never leaves a state with nothing allowed: EOS
+# stays reachable. spec.md, "Playable by construction", gives the rules and why they are enough.
+UP, DOWN = 1, -1                                # swing classes; 0 = the hand has not swung yet
+HORIZONTAL = {2, 3}                             # left, right: the swing opposite to the hand's previous one
+DOT = 8
+ROOM_VISION_S = VISION_BLOCK_S + 0.02           # a return swing may have to wait out a vision block
+SAFETY_S = 1e-6                                 # s: margin on the score card's thresholds (times computed two ways differ)
+
+
+def swing_of(direction, previous):
+    """The swing a note of this direction makes after a swing `previous` (UP, DOWN or 0), as parity_errors resolves
+    it: 0 for a dot (the next arrow of its onset decides, else the opposite of previous)."""
+    if direction in DOWN_SWING:
+        return DOWN
+    if direction in UP_SWING:
+        return UP
+    if direction in HORIZONTAL:
+        return opposite(previous)
+    return 0
+
+
+def opposite(swing):
+    """The swing after `swing` when a horizontal arrow or dots decide: parity_errors takes down after no swing."""
+    return UP if swing == DOWN else DOWN
+
+
+@dataclass(frozen=True)
+class DifficultyRules:
+    """What a difficulty allows; the values and where they come from: DIFFICULTIES below, spec.md."""
+    name: str
+    rank: int                   # Info.dat _difficultyRank
+    njs: float                  # note jump speed
+    offset_beats: float         # note jump start beat offset
+    nps: tuple                  # (low, high) notes per second of human maps of this difficulty
+    hand_gap_s: float           # shortest time between two swings of one hand
+    onset_gap_s: float          # shortest time between two onsets (notes of either hand)
+    notes_per_onset: int        # most notes at one onset
+    max_gap_s: float            # longest time without a note while the music has onsets (see PlayState.deadline_s)
+
+
+# From the 39 fixture maps (Standard, difficulties without mods; README "Difficulty"): NPS band = the spread of
+# human maps of that difficulty; hand_gap_s ≈ the 1st–5th percentile of one hand's swing-to-swing gaps; onset_gap_s
+# ≈ the 5th percentile of onset-to-onset gaps; max_gap_s ≈ the 90th–95th percentile of onset-to-onset gaps;
+# notes_per_onset = the most a human map of the difficulty puts at one time (sliders and stacks aside).
+DIFFICULTIES = {rules.name: rules for rules in (
+    DifficultyRules("Easy", 1, 10.0, 0.0, (0.4, 1.6), hand_gap_s=1.0, onset_gap_s=0.5, notes_per_onset=1,
+                    max_gap_s=1.6),
+    DifficultyRules("Normal", 3, 10.0, 0.0, (0.9, 2.6), hand_gap_s=0.6, onset_gap_s=0.3, notes_per_onset=2,
+                    max_gap_s=1.2),
+    DifficultyRules("Hard", 5, 12.0, 0.0, (1.5, 4.0), hand_gap_s=0.28, onset_gap_s=0.19, notes_per_onset=2,
+                    max_gap_s=0.8),
+    DifficultyRules("Expert", 7, 16.0, 0.0, (2.8, 6.2), hand_gap_s=0.2, onset_gap_s=0.12, notes_per_onset=3,
+                    max_gap_s=0.55),
+    DifficultyRules("ExpertPlus", 9, 18.0, 0.0, (3.0, 8.7), hand_gap_s=0.16, onset_gap_s=0.06, notes_per_onset=4,
+                    max_gap_s=0.45),
+)}
+
+
+@dataclass
+class HandStart:
+    swing: int                  # the hand's last swing before the segment: UP, DOWN, 0 = none
+    swing_s: float              # its time (-inf: none)
+    rigid_first: bool = False   # that swing's class is only assumed: the hand's first swing here must be an up or
+                                # down arrow, whose swing does not depend on the one before
+
+
+@dataclass
+class SegmentStart:
+    """What lies before a segment: per hand its last swing, the last onset, and the notes that may hide later ones."""
+    hands: tuple                # (HandStart red, HandStart blue)
+    last_onset_s: float         # -inf: none
+    blockers: list              # [(time_s, x), ...] middle-layer centre-lane notes of the last VISION_BLOCK_S
+
+    @classmethod
+    def song_start(cls):
+        return cls((HandStart(0, -math.inf), HandStart(0, -math.inf)), -math.inf, [])
+
+    @classmethod
+    def seam(cls, start_s, rules):
+        """A chunk after another generated in the same batch: its notes are unknown, but SegmentEnd.seam bounds them:
+        each hand's last swing is at most start_s - hand_gap_s / 2 and, when later than start_s + hand_gap_s / 2 - 0.5,
+        an up swing; the last onset at most start_s - onset_gap_s / 2; no blocker in the last VISION_BLOCK_S."""
+        hand = HandStart(UP, start_s - rules.hand_gap_s / 2, rigid_first=True)
+        return cls((hand, hand), start_s - rules.onset_gap_s / 2, [])
+
+    @classmethod
+    def after_notes(cls, notes, bpm):
+        """The exact state after notes = [Note, ...] in beats of bpm (the kept part of a map before a regenerated
+        range), resolved as parity_errors resolves it."""
+        hands = []
+        for color in (0, 1):
+            swing, swing_s = 0, -math.inf
+            for time_s, group in zip(*note_onsets([n for n in notes if n.color == color], bpm)):
+                arrows = [n.direction for n in group if n.direction != DOT]
+                swing = swing_of(arrows[0], swing) if arrows else opposite(swing)
+                swing_s = time_s
+            hands.append(HandStart(swing, swing_s))
+        onsets_s = note_onsets(notes, bpm)[0]
+        last_onset_s = onsets_s[-1] if len(onsets_s) else -math.inf
+        blockers = [(n.beat * 60 / bpm, n.x) for n in notes
+                    if n.y == 1 and n.x in (1, 2) and n.beat * 60 / bpm >= last_onset_s - VISION_BLOCK_S]
+        return cls(tuple(hands), last_onset_s, blockers)
+
+
+@dataclass
+class HandEnd:
+    deadline_s: float           # the hand's last swing may come no later (inf: no limit)
+    final: int                  # the swing the hand's last swing must end with (0: any) ...
+    final_after_s: float        # ... when it comes later than this (-inf: always)
+
+
+@dataclass
+class SegmentEnd:
+    """What follows a segment, as limits on the segment's own last notes."""
+    hands: tuple                # (HandEnd red, HandEnd blue)
+    onset_deadline_s: float     # no onset later than this
+    protected: list             # [(time_s, x), ...] notes after the segment that no note of it may hide
+    blocker_deadline_s: float   # no middle-layer centre-lane note later than this (inf: no limit)
+
+    @classmethod
+    def song_end(cls):
+        hand = HandEnd(math.inf, 0, math.inf)
+        return cls((hand, hand), math.inf, [], math.inf)
+
+    @classmethod
+    def seam(cls, end_s, rules):
+        """Before a chunk that starts from SegmentStart.seam(end_s, rules): the limits that make that start true."""
+        hand = HandEnd(end_s - rules.hand_gap_s / 2, UP, end_s + rules.hand_gap_s / 2 - PARITY_RESET_S)
+        return cls((hand, hand), end_s - rules.onset_gap_s / 2, [], end_s + rules.onset_gap_s / 2 - VISION_BLOCK_S)
+
+    @classmethod
+    def before_notes(cls, notes, bpm, kept_before, replaced, rules):
+        """Before notes = [Note, ...] (the kept rest of a map after a regenerated range): the generated range must leave
+        each hand so that those notes resolve and play as they did after kept_before + replaced (the original)."""
+        hands = []
+        original = SegmentStart.after_notes(kept_before + replaced, bpm)
+        for color in (0, 1):
+            onsets_s, groups = note_onsets([n for n in notes if n.color == color], bpm)
+            if not len(onsets_s):
+                hands.append(HandEnd(math.inf, 0, math.inf))
+                continue
+            arrows = [n.direction for n in groups[0] if n.direction != DOT]
+            rigid = swing_of(arrows[0], 0) if arrows and arrows[0] not in HORIZONTAL else 0
+            if rigid:       # the next swing decides itself: no parity error with it, and room before it
+                hands.append(HandEnd(onsets_s[0] - rules.hand_gap_s, opposite(rigid), onsets_s[0] - PARITY_RESET_S))
+            else:           # it takes the swing opposite to ours: ours must be the original's
+                hands.append(HandEnd(onsets_s[0] - rules.hand_gap_s, original.hands[color].swing or UP, -math.inf))
+        onsets_s = note_onsets(notes, bpm)[0]
+        first_s = onsets_s[0] if len(onsets_s) else math.inf
+        protected = [(n.beat * 60 / bpm, n.x) for n in notes if n.beat * 60 / bpm <= first_s + VISION_BLOCK_S]
+        return cls(tuple(hands), first_s - max(rules.onset_gap_s, 2 * ONSET_MERGE_S), protected, math.inf)
+
+
+class PlayState:
+    """One segment's notes as they are generated, and what may come next.
+
+    times_s = (ticks,) float seconds of each tick of the segment (non-decreasing); candidates = (K, 4) int
+    (x, y, color, direction) of the note types the grammar offers; onsets_s = sorted audio onset times of the song.
+    Use per note: tick_mask() → the ticks the next note may take and whether the segment may end there; at(tick) for
+    the tick chosen; type_mask() → which candidates may be the note at that tick; push(k) for the one chosen. A note
+    at the tick of the previous note joins its onset. Everything is a mask over the model's choices, never a choice.
+    closing=True (few tokens left) allows only the notes the segment's end needs, and the end.
+    """
+
+    def __init__(self, rules, times_s, candidates, onsets_s, start=None, end=None):
+        self.rules = rules
+        self.times_s = np.asarray(times_s, dtype=float)
+        self.onsets_s = np.asarray(onsets_s, dtype=float)
+        start = start or SegmentStart.song_start()
+        self.end = end or SegmentEnd.song_end()
+        # the segment's own last onset time (a finite number: the last tick, or the end's onset deadline)
+        self.end_s = min(self.times_s[-1] if len(self.times_s) else -math.inf, self.end.onset_deadline_s)
+        # candidate columns (K,): x, y, color, direction; swing of each direction after an up / a down / no swing
+        candidates = np.asarray(candidates, dtype=int).reshape(-1, 4)
+        self.x, self.y, self.color, self.direction = candidates.T
+        self.valid = (np.isin(self.x, range(4)) & np.isin(self.y, range(3)) & np.isin(self.color, (0, 1))
+                      & (self.direction >= 0) & (self.direction <= DOT))
+        self.swing_after = {prev: np.array([swing_of(d, prev) for d in self.direction]) for prev in (UP, DOWN, 0)}
+        self.rigid = np.isin(self.direction, list(DOWN_SWING | UP_SWING))
+        self.dot = self.direction == DOT
+        self.angle = np.array([ARROW_ANGLE_DEG.get(d, np.nan) for d in self.direction], dtype=float)
+        self.blocker = (self.y == 1) & np.isin(self.x, (1, 2))
+        self.red_into_blue = np.isin(self.direction, list(RED_INTO_BLUE))
+        self.blue_into_red = np.isin(self.direction, list(BLUE_INTO_RED))
+        # per hand: the swing before the current onset, its time, and whether its next swing must be rigid
+        self.swing = [hand.swing for hand in start.hands]
+        self.swing_s = [hand.swing_s for hand in start.hands]
+        self.rigid_first = [hand.rigid_first for hand in start.hands]
+        self.last_onset_s = start.last_onset_s      # the onset before the current one
+        self.blockers = list(start.blockers)        # [(time_s, x), ...] that may still hide a later note
+        self.tick = -1                              # tick of the current onset (-1: none yet)
+        self.onset = []                             # candidate indices of the notes at the current onset
+        self.onset_swing = [None, None]             # per hand its swing there: None no note, 0 dots only, UP, DOWN
+        self.dead_ends = 0                          # times nothing but a forced end was left (never, by design)
+
+    # ---- the current onset ----
+
+    def _resolved(self, hand):
+        """(swing, time_s, rigid_first) the hand leaves after the current onset."""
+        if self.onset_swing[hand] is None:
+            return self.swing[hand], self.swing_s[hand], self.rigid_first[hand]
+        return self.onset_swing[hand] or opposite(self.swing[hand]), self.times_s[self.tick], False
+
+    def _ends_well(self, hand, swing, swing_s):
+        """Whether a hand whose last swing is (swing, swing_s) meets the segment's end."""
+        end = self.end.hands[hand]
+        return swing == 0 or swing_s <= end.final_after_s or end.final in (0, swing)
+
+    def at(self, tick):
+        """The next note goes at tick: a new onset when it is later than the current one."""
+        if tick != self.tick:
+            for hand in (0, 1):
+                self.swing[hand], self.swing_s[hand], self.rigid_first[hand] = self._resolved(hand)
+            if self.onset:
+                self.last_onset_s = self.times_s[self.tick]
+            self.tick, self.onset, self.onset_swing = tick, [], [None, None]
+
+    def push(self, k):
+        """Candidate k is the note at the current tick."""
+        hand = self.color[k]
+        if not self.onset_swing[hand]:      # no note yet, or dots only: this note's swing decides (0 for a dot)
+            self.onset_swing[hand] = swing_of(self.direction[k], self.swing[hand])
+        self.onset.append(k)
+        if self.blocker[k]:
+            self.blockers.append((self.times_s[self.tick], self.x[k]))
+
+    # ---- rules ----
+
+    def deadline_s(self, last_s):
+        """The latest time an onset may follow one at last_s: last_s + max_gap_s when the audio has an onset between
+        last_s + onset_gap_s and that; else the first audio onset after it (inf when none). While the music plays the
+        map keeps the player busy; in a break it may wait."""
+        rules = self.rules
+        gap_end_s = last_s + rules.max_gap_s
+        i = np.searchsorted(self.onsets_s, last_s + rules.onset_gap_s, side="right")
+        if i < len(self.onsets_s) and self.onsets_s[i] <= gap_end_s:
+            return gap_end_s
+        j = np.searchsorted(self.onsets_s, gap_end_s, side="right")
+        return self.onsets_s[j] if j < len(self.onsets_s) else math.inf
+
+    def _swings(self, hand, times_s, swing, swing_s, rigid_first):
+        """A new swing of `hand` at each of times_s (array) after (swing, swing_s) → (may_up, may_down, flexible) bool
+        arrays: whether an up arrow, a down arrow, a note taking the swing opposite to the last (horizontal arrow,
+        dot) may start it, by the shortest gap, parity, rigid-first, deadline and end rules."""
+        rules, end = self.rules, self.end.hands[hand]
+        deadline_s = min(end.deadline_s, self.end.onset_deadline_s)
+        ok = (times_s >= swing_s + rules.hand_gap_s - 1e-9) & (times_s <= end.deadline_s)
+        too_soon = times_s - swing_s < PARITY_RESET_S + SAFETY_S
+        # a swing that cannot be the last (the end wants the other) needs room for one more before the deadline
+        room = times_s + rules.hand_gap_s + ROOM_VISION_S + 2 * rules.onset_gap_s <= deadline_s
+        late = times_s > end.final_after_s
+        may = {}
+        for cls in (UP, DOWN):
+            may[cls] = ok & ~(too_soon & (cls == swing)) & (room | ~late | (end.final in (0, cls)))
+        return may[UP], may[DOWN], may[opposite(swing)] & (not rigid_first)
+
+    def _lanes_free(self, times_s):
+        """(len(times_s), 4) bool: the lanes in which a note at those times is hidden by no blocker."""
+        free = np.ones((len(times_s), 4), dtype=bool)
+        for blocker_s, blocker_x in self.blockers:
+            hidden = ((times_s - blocker_s >= ONSET_MERGE_S - SAFETY_S)
+                      & (times_s - blocker_s <= VISION_BLOCK_S + SAFETY_S))
+            free[hidden, max(0, blocker_x - 1):blocker_x + 2] = False
+        return free
+
+    def _feasible(self, first, stop, closing):
+        """(stop - first,) bool: ticks first..stop-1 (all after the current onset) where some note may start an onset."""
+        times_s = self.times_s[first:stop]
+        onset_s = self.times_s[self.tick] if self.onset else self.last_onset_s
+        feasible = (times_s >= onset_s + self.rules.onset_gap_s - 1e-9) & (times_s <= self.end.onset_deadline_s)
+        if not feasible.any():
+            return feasible
+        feasible &= self._lanes_free(times_s).any(axis=1)
+        can_swing = np.zeros(len(times_s), dtype=bool)
+        for hand in (0, 1):
+            swing, swing_s, rigid_first = self._resolved(hand)
+            may_up, may_down, flexible = self._swings(hand, times_s, swing, swing_s, rigid_first)
+            if not closing:
+                can_swing |= may_up | may_down | flexible
+            elif not self._ends_well(hand, swing, swing_s):
+                can_swing |= may_up if self.end.hands[hand].final == UP else may_down
+        return feasible & can_swing
+
+    def tick_mask(self, closing=False):
+        """→ (allowed, eos): allowed = (ticks,) bool, the ticks the next note may take (the current onset's, to join
+        it, or later ones); eos = whether the segment may end now."""
+        allowed = np.zeros(len(self.times_s), dtype=bool)
+        if self.onset and self.type_mask(closing).any():
+            allowed[self.tick] = True
+        onset_s = self.times_s[self.tick] if self.onset else self.last_onset_s
+        if not math.isfinite(onset_s):      # nothing yet: the gap counts from the segment's start
+            onset_s = self.times_s[0] - self.rules.onset_gap_s if len(self.times_s) else 0.0
+        self.blockers = [(t, x) for t, x in self.blockers if t >= onset_s - VISION_BLOCK_S]
+        deadline_s = self.deadline_s(onset_s)
+        first = self.tick + 1
+        stop = max(first, int(np.searchsorted(self.times_s, deadline_s + 1e-9, side="right")))
+        window = self._feasible(first, stop, closing)
+        allowed[first:stop] = window
+        later = np.zeros(0, dtype=bool)
+        if not window.any():                # nothing by the deadline: the next feasible ticks, within max_gap_s
+            later = self._feasible(stop, len(self.times_s), closing)
+            if later.any():
+                start_s = self.times_s[stop + int(np.argmax(later))]
+                later &= self.times_s[stop:] <= start_s + self.rules.max_gap_s
+                allowed[stop:] = later
+        ends_well = all(self._ends_well(hand, *self._resolved(hand)[:2]) for hand in (0, 1))
+        eos = ends_well and (closing or deadline_s > self.end_s or not (window.any() or later.any()))
+        if not eos and not allowed.any():
+            self.dead_ends += 1
+            eos = True
+        return allowed, eos
+
+    def type_mask(self, closing=False):
+        """(K,) bool: the candidates that may be the note at the current tick (set by at())."""
+        time_s = self.times_s[self.tick]
+        mask = self.valid & self._lanes_free(np.array([time_s]))[0][np.clip(self.x, 0, 3)]
+        mask &= ~(self.blocker & (time_s > self.end.blocker_deadline_s))
+        for protected_s, protected_x in self.end.protected:
+            if ONSET_MERGE_S - SAFETY_S <= protected_s - time_s <= VISION_BLOCK_S + SAFETY_S:
+                mask &= ~(self.blocker & (np.abs(self.x - protected_x) <= 1))
+        if len(self.onset) >= self.rules.notes_per_onset:
+            return np.zeros_like(mask)
+        for k in self.onset:
+            mask &= ~((self.x == self.x[k]) & (self.y == self.y[k]))
+            if self.color[k] == 0 and self.red_into_blue[k]:
+                mask &= ~((self.color == 1) & (self.y == self.y[k]) & (self.x == self.x[k] + 1) & self.blue_into_red)
+            if self.color[k] == 1 and self.blue_into_red[k]:
+                mask &= ~((self.color == 0) & (self.y == self.y[k]) & (self.x == self.x[k] - 1) & self.red_into_blue)
+        for hand in (0, 1):
+            if self.onset_swing[hand] is None:
+                hand_mask = self._starts_swing(hand, time_s, closing)
+            else:
+                hand_mask = self._joins_swing(hand, closing)
+            mask &= (self.color != hand) | hand_mask
+        return mask
+
+    def _starts_swing(self, hand, time_s, closing):
+        """(K,) bool: candidates that may start a swing of `hand` at time_s."""
+        swing, swing_s, rigid_first = self.swing[hand], self.swing_s[hand], self.rigid_first[hand]
+        may_up, may_down, flexible = (bool(m[0]) for m in self._swings(hand, np.array([time_s]), swing, swing_s,
+                                                                       rigid_first))
+        if closing:
+            if self._ends_well(hand, swing, swing_s):
+                return np.zeros(len(self.x), dtype=bool)
+            final = self.end.hands[hand].final
+            may_up, may_down, flexible = may_up and final == UP, may_down and final == DOWN, False
+        after = self.swing_after[swing]
+        return (self.rigid & (((after == UP) & may_up) | ((after == DOWN) & may_down))) | (~self.rigid & flexible)
+
+    def _joins_swing(self, hand, closing):
+        """(K,) bool: candidates that may join `hand`'s swing at the current onset: notes of the same swing (dots
+        always), arrows at most 45° from the hand's other arrows there."""
+        if closing:
+            return np.zeros(len(self.x), dtype=bool)
+        onset_swing, after = self.onset_swing[hand], self.swing_after[self.swing[hand]]
+        if self.rigid_first[hand]:          # the swing must not depend on the one before: no horizontal arrows
+            mask = (self.rigid & (after == onset_swing)) | self.dot
+        elif onset_swing == 0:              # dots so far: an arrow decides the swing, where parity allows it
+            may_up, may_down, _ = (bool(m[0]) for m in self._swings(
+                hand, np.array([self.times_s[self.tick]]), self.swing[hand], self.swing_s[hand], False))
+            mask = ((after == UP) & may_up) | ((after == DOWN) & may_down) | self.dot
+        else:
+            mask = (after == onset_swing) | self.dot
+        for k in self.onset:
+            if self.color[k] == hand and not self.dot[k]:
+                apart_deg = np.abs((self.angle - self.angle[k] + 180) % 360 - 180)
+                mask &= ~(apart_deg > 45)   # NaN (a dot) compares False: dots stay allowed
+        return mask
 
 
 def _score_command(args):

@@ -5,9 +5,11 @@ reads on the terminal. (scrape.py's commands: tests/test_scrape.py.)"""
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +145,10 @@ def test_infer_zip_preview_and_dat(trained, workspace):
     model = trained.relative_to(workspace)
     result = run([ROOT / "infer.py", model, "song.wav", "--bpm", "120", "--seed", "0", "--preview"], cwd=workspace)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "wrote song_beatgen.zip:" in result.stdout and "preview: song_beatgen_preview.png" in result.stdout
+    assert "wrote song_beatgen.zip: ExpertPlus over 8.0 s at 120 BPM" in result.stdout
+    assert re.search(r"ExpertPlus: \d+ notes, [\d.]+ NPS, parity errors 0 red / 0 blue, vision blocks 0, "
+                     r"impossible doubles 0", result.stdout)
+    assert "preview (ExpertPlus): song_beatgen_preview.png" in result.stdout
     for name in ("song_beatgen.zip", "song_beatgen_preview.png", "song_beatgen_clicks.wav"):
         assert (workspace / name).stat().st_size > 0, name
     sys.path.insert(0, str(ROOT))
@@ -154,6 +159,30 @@ def test_infer_zip_preview_and_dat(trained, workspace):
                  cwd=workspace)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((workspace / "ExpertPlusStandard.dat").read_text())["version"] == "3.3.0"
+
+
+def test_infer_several_difficulties_into_one_zip(trained, workspace):
+    model = trained.relative_to(workspace)
+    result = run([ROOT / "infer.py", model, "song.wav", "--bpm", "120", "--seed", "1", "--temperature", "1",
+                  "--difficulties", "Normal", "Hard", "Expert", "ExpertPlus", "--output", "all.zip"], cwd=workspace)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sys.path.insert(0, str(ROOT))
+    import utils
+    from maps import read_map
+    beatmap = read_map(workspace / "all.zip")
+    assert sorted(beatmap.difficulties) == sorted(("Standard", name) for name in ("Normal", "Hard", "Expert",
+                                                                                  "ExpertPlus"))
+    info = json.loads(zipfile.ZipFile(workspace / "all.zip").read("Info.dat"))
+    listed = info["_difficultyBeatmapSets"][0]["_difficultyBeatmaps"]
+    assert [(e["_difficulty"], e["_difficultyRank"], e["_noteJumpMovementSpeed"]) for e in listed] == [
+        (name, utils.DIFFICULTIES[name].rank, utils.DIFFICULTIES[name].njs) for name in ("Normal", "Hard", "Expert",
+                                                                                          "ExpertPlus")]
+    assert info["_customData"]["_editors"]["_lastEditedBy"] == "beatgen"
+    for name in ("Normal", "Hard", "Expert", "ExpertPlus"):
+        stats = utils.map_stats(beatmap.difficulties[("Standard", name)].notes, beatmap.bpm)
+        assert (stats["parity_errors_red"], stats["parity_errors_blue"], stats["vision_blocks"],
+                stats["impossible_doubles"]) == (0, 0, 0, 0), (name, stats)
+        assert f"  {name}: {stats['notes']} notes" in result.stdout
 
 
 def test_infer_reference_prints_score_card_and_utils_score(trained, workspace):

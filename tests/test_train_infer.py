@@ -1,6 +1,7 @@
 """train.py and infer.py on tiny random models: the real Unsloth/TRL path on CPU, batched constrained generation."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -161,12 +162,13 @@ def test_generate_map_beats_inside_song(model_and_encodec):
     model, encodec = model_and_encodec
     song = click_song(9.0, np.arange(0.2, 9, 0.4))
     torch.manual_seed(1)
-    notes = infer.generate_map(model, encodec, song, BPM, 4.0, temperature=1.0, progress=False)
+    notes = infer.generate_map(model, encodec, song, BPM, 4.0, temperature=1.0, progress=False)["ExpertPlus"]
     assert notes == sorted(set(notes))
     assert all(0 <= n.beat * 60 / BPM < 9.0 for n in notes)
     assert all(0 <= n.x <= 3 and 0 <= n.y <= 2 and n.color in (0, 1) and 0 <= n.direction <= 8 for n in notes)
     # shorter than one chunk, and silence: still a valid (maybe empty) list
-    assert isinstance(infer.generate_map(model, encodec, np.zeros(24000, np.float32), BPM, 4.0, progress=False), list)
+    assert isinstance(infer.generate_map(model, encodec, np.zeros(24000, np.float32), BPM, 4.0, progress=False)
+                      ["ExpertPlus"], list)
 
 
 def test_infer_cli_writes_dat_and_zip(trained, tmp_path):
@@ -239,3 +241,36 @@ def test_missing_unsloth_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "unsloth", None)      # makes `import unsloth` raise ImportError
     with pytest.raises(SystemExit, match="pip install"):
         train.load_model("unused", 128)
+
+
+def test_chunks_per_call_follows_free_gpu_memory():
+    """The batch rule with fake free-memory figures: Qwen3-0.6B in bf16, one 30 s chunk = 4,505 prompt tokens plus
+    a 2,401-token budget → 114,688 bytes a token, ≈ 0.79 GB a chunk."""
+    import infer
+    from transformers import Qwen3Config
+
+    from conftest import QWEN3_06B
+    config = Qwen3Config(**QWEN3_06B)
+    tokens = 4505 + 2401
+    per_chunk = 2 * 28 * 8 * 128 * 2 * tokens
+    assert 0.75e9 < per_chunk < 0.85e9
+    assert infer.chunks_per_call(config, tokens, 10.5 * 2**30, 2) == int(0.8 * 10.5 * 2**30 // per_chunk) == 11
+    assert infer.chunks_per_call(config, tokens, 2 * 2**30, 2) == 2
+    assert infer.chunks_per_call(config, tokens, 0.1 * 2**30, 2) == 1          # never 0
+    assert infer.chunks_per_call(config, tokens, 10.5 * 2**30, 4) == 5         # float32 caches are twice as big
+    # a 10-minute song is 20 chunks: on a 12 GB card with the model loaded (~10.5 GB free) two calls, not one
+    assert math.ceil(20 / infer.chunks_per_call(config, tokens, 10.5 * 2**30, 2)) == 2
+
+
+def test_device_and_compiler_checks(monkeypatch, tmp_path):
+    import infer
+    assert infer.pick_device("cpu") == torch.device("cpu") and infer.model_dtype(torch.device("cpu")) == torch.float32
+    for bad in ("cuda:7", "tpu", "gpu!"):
+        with pytest.raises(ValueError, match="--device"):
+            infer.pick_device(bad)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))                 # no gcc or clang on PATH
+    assert "C compiler" in infer.compile_problem()
+    (tmp_path / "gcc").write_text("#!/bin/sh\n")
+    (tmp_path / "gcc").chmod(0o755)
+    assert infer.compile_problem() is None or "Python headers" in infer.compile_problem()

@@ -65,7 +65,7 @@ def beatsaver_problems(folder):
     song_beats = song.frames / song.samplerate * info["_beatsPerMinute"] / 60
     for beatmap_set in info["_difficultyBeatmapSets"]:
         for entry in beatmap_set["_difficultyBeatmaps"]:
-            rank = utils.DIFFICULTY_RANKS.get(entry["_difficulty"])
+            rank = utils.DIFFICULTIES[entry["_difficulty"]].rank if entry["_difficulty"] in utils.DIFFICULTIES else None
             problems += [] if rank == entry["_difficultyRank"] else [f"rank {entry['_difficultyRank']}"]
             difficulty = json.loads((folder / entry["_beatmapFilename"]).read_text())
             problems += [f"difficulty lacks {key}" for key in V3_ARRAYS if key not in difficulty]
@@ -89,14 +89,15 @@ def unzip(zip_path, folder):
 def test_zip_reads_back_and_meets_beatsaver_rules(tmp_path):
     song = write_song(tmp_path / "Click Track.wav")
     notes = some_notes()
-    out = utils.write_map(tmp_path / "out.zip", notes, BPM, song, lead_in_s=0.25)
+    out = utils.write_map(tmp_path / "out.zip", {"ExpertPlus": notes}, BPM, song, lead_in_s=0.25)
     assert out == str(tmp_path / "out.zip")
     beat_map = maps.read_map(out)
     assert beat_map.bpm == BPM and beat_map.song_time_offset_s == 0 and not beat_map.broken
     assert (beat_map.song_name, beat_map.song_author, beat_map.level_author) == ("Click Track", "", "beatgen")
     difficulty = beat_map.difficulties[("Standard", "ExpertPlus")]
     assert difficulty.notes == sorted(notes) and not difficulty.dropped and difficulty.version == "3.3.0"
-    assert (difficulty.njs, difficulty.offset_beats) == utils.NOTE_JUMP["ExpertPlus"]
+    rules = utils.DIFFICULTIES["ExpertPlus"]
+    assert (difficulty.njs, difficulty.offset_beats) == (rules.njs, rules.offset_beats)
     assert beatsaver_problems(unzip(out, tmp_path / "unzipped")) == []
     # song.egg = 0.25 s of silence, then the song: its first click moves from 0.5 s to 0.75 s
     egg = load_audio(beat_map.read_audio())
@@ -104,11 +105,11 @@ def test_zip_reads_back_and_meets_beatsaver_rules(tmp_path):
     assert len(egg) == pytest.approx(12.25 * RATE, abs=2)
 
 
-@pytest.mark.parametrize("difficulty", list(utils.DIFFICULTY_RANKS))
+@pytest.mark.parametrize("difficulty", list(utils.DIFFICULTIES))
 def test_folder_for_every_difficulty(tmp_path, difficulty):
     song = write_song(tmp_path / "song.ogg", duration_s=4, tags={"title": "Title", "artist": "Artist"})
     notes = some_notes(6)
-    folder = Path(utils.write_map(tmp_path / "map", notes, 150.0, song, difficulty=difficulty))
+    folder = Path(utils.write_map(tmp_path / "map", {difficulty: notes}, 150.0, song))
     assert sorted(p.name for p in folder.iterdir()) == sorted(["Info.dat", f"{difficulty}Standard.dat", "song.egg",
                                                               "cover.jpg"])
     assert (folder / "song.egg").read_bytes() == song.read_bytes()     # Ogg Vorbis, no lead-in: copied as is
@@ -120,13 +121,13 @@ def test_folder_for_every_difficulty(tmp_path, difficulty):
 
 def test_dat_only_and_given_names_and_cover(tmp_path):
     song = write_song(tmp_path / "song.flac", duration_s=4)
-    dat = utils.write_map(tmp_path / "Expert.dat", some_notes(6), BPM, song, difficulty="Expert")
+    dat = utils.write_map(tmp_path / "Expert.dat", {"Expert": some_notes(6)}, BPM, song)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Expert.dat", "song.flac"]
     difficulty = json.loads(Path(dat).read_text())
     assert difficulty["version"] == "3.3.0" and all(key in difficulty for key in V3_ARRAYS)
     assert len(difficulty["colorNotes"]) == 6
     Image.new("RGB", (300, 200), "green").save(tmp_path / "cover.png")
-    folder = Path(utils.write_map(tmp_path / "map", some_notes(6), BPM, song, song_name="Name", song_author="By",
+    folder = Path(utils.write_map(tmp_path / "map", {"Hard": some_notes(6)}, BPM, song, song_name="Name", song_author="By",
                                   cover_path=tmp_path / "cover.png"))
     with Image.open(folder / "cover.jpg") as cover:
         assert cover.size == (utils.COVER_PX, utils.COVER_PX)
@@ -140,7 +141,7 @@ def test_mp3_with_id3_tags_becomes_vorbis(tmp_path):
     tags = mutagen.easyid3.EasyID3()
     tags.update({"title": "Mp3 Title", "artist": "Mp3 Artist"})
     tags.save(song)
-    folder = Path(utils.write_map(tmp_path / "map", some_notes(6), BPM, song, lead_in_s=0.1))
+    folder = Path(utils.write_map(tmp_path / "map", {"Normal": some_notes(6)}, BPM, song, lead_in_s=0.1))
     beat_map = maps.read_map(folder)
     assert (beat_map.song_name, beat_map.song_author) == ("Mp3 Title", "Mp3 Artist")
     assert load_audio(beat_map.read_audio()).size == pytest.approx(4.1 * RATE, rel=0.01)
@@ -161,19 +162,23 @@ def test_invalid_notes_raise_and_write_nothing(tmp_path, bad, named):
     song = write_song(tmp_path / "song.wav", duration_s=4)
     for out in ("map.zip", "map", "map.dat"):
         with pytest.raises(ValueError, match=named):
-            utils.write_map(tmp_path / out, some_notes(4) + [bad], BPM, song)
+            utils.write_map(tmp_path / out, {"Expert": some_notes(4) + [bad]}, BPM, song)
         assert not (tmp_path / out).exists()
-    with pytest.raises(ValueError, match="difficulty"):
-        utils.write_map(tmp_path / "map.zip", [], BPM, song, difficulty="Expert+")
+    with pytest.raises(ValueError, match="difficulties"):
+        utils.write_map(tmp_path / "map.zip", {"Expert+": []}, BPM, song)
+    with pytest.raises(ValueError, match="difficulties"):
+        utils.write_map(tmp_path / "map.zip", {}, BPM, song)
     with pytest.raises(ValueError, match="bpm"):
-        utils.write_map(tmp_path / "map.zip", [], 5.0, song)
+        utils.write_map(tmp_path / "map.zip", {"Easy": []}, 5.0, song)
+    with pytest.raises(ValueError, match="one difficulty"):
+        utils.write_map(tmp_path / "map.dat", {"Easy": [], "Hard": []}, BPM, song)
 
 
 def test_long_song_is_encoded_in_blocks(tmp_path):
     # soundfile crashes the process when one write hands Vorbis minutes of audio (corrections.md §6)
     song = tmp_path / "long.wav"
     soundfile.write(song, np.random.default_rng(0).normal(0, 0.1, 240 * 8000).astype(np.float32), 8000)
-    utils.write_map(tmp_path / "long.zip", [Note(479.0, 0, 0, 0, 1)], BPM, song, lead_in_s=0.5)
+    utils.write_map(tmp_path / "long.zip", {"Expert": [Note(479.0, 0, 0, 0, 1)]}, BPM, song, lead_in_s=0.5)
     with zipfile.ZipFile(tmp_path / "long.zip") as archive:
         egg = soundfile.info(io.BytesIO(archive.read("song.egg")))
     assert egg.duration == pytest.approx(240.5, abs=0.01) and egg.subtype == "VORBIS"
@@ -190,7 +195,8 @@ def test_bsmap_loads_our_map_with_strict_schema_checks(tmp_path, request):
                                   "bsmap@2.2.9"], capture_output=True, text=True, timeout=120)
         if install.returncode:
             pytest.skip(f"npm could not install bsmap: {install.stderr[-300:]}")
-    folder = Path(utils.write_map(tmp_path / "map", some_notes(), BPM, write_song(tmp_path / "song.wav")))
+    folder = Path(utils.write_map(tmp_path / "map", {name: some_notes() for name in utils.DIFFICULTIES}, BPM,
+                                  write_song(tmp_path / "song.wav")))
     script = """
         const fs = require('fs'), path = require('path'), bsmap = require('bsmap');
         const strict = {schemaCheck: {enabled: true, throwOn: {unused: true, missing: true, nullish: true,
@@ -359,7 +365,7 @@ def test_estimated_beat_and_lead_in_put_written_beats_on_the_clicks(tmp_path):
     bpm, first_beat_s = utils.estimate_beat(load_audio(song), RATE)
     lead_in_s = utils.lead_in_for_beat(bpm, first_beat_s)
     assert bpm == pytest.approx(120, rel=0.001) and lead_in_s == pytest.approx(0.13, abs=0.01)
-    folder = Path(utils.write_map(tmp_path / "map", [Note(1.0, 0, 0, 0, 1)], bpm, song, lead_in_s=lead_in_s))
+    folder = Path(utils.write_map(tmp_path / "map", {"Easy": [Note(1.0, 0, 0, 0, 1)]}, bpm, song, lead_in_s=lead_in_s))
     egg = load_audio(folder / "song.egg")
     first_click_s = np.argmax(np.abs(egg) > 0.2) / RATE
     assert first_click_s == pytest.approx(60 / bpm, abs=0.005)
