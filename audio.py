@@ -88,7 +88,8 @@ def _open_checked(path_or_bytes, name):
     try:
         f = soundfile.SoundFile(source)
     except _DECODE_ERRORS as e:
-        raise ValueError(f"{name}: cannot read audio header ({e})") from None
+        raise ValueError(f"{name}: cannot decode audio: not a readable .ogg/.egg/.mp3/.wav/.flac file "
+                         f"({e})") from None
     rate, channels, frames = f.samplerate, f.channels, f.frames
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         problem = f"sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"

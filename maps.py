@@ -261,6 +261,93 @@ def verify_zip(path, max_unzipped_bytes=None) -> str:
         raise _within(source, error) from None
 
 
+def map_files(path) -> dict[str, bytes]:
+    """A map .zip or folder → {name relative to the map: bytes} of every file beside its Info.dat, each at most
+    MAX_AUDIO_BYTES, the zip under read_map's limits (names, sizes, CRC). ValueError("<path>: <reason>")."""
+    source = os.fspath(path)
+    try:
+        with _MapFiles(source) as files:
+            contents = {}
+            for name in files.members:
+                try:
+                    contents[name] = files.read_song(name)
+                except ValueError as error:
+                    raise _within(name, error) from None
+            return contents
+    except ValueError as error:
+        raise _within(source, error) from None
+
+
+def replace_notes(data: bytes, start_beat, end_beat, notes) -> bytes:
+    """A v2 or v3 difficulty file's bytes → the same file with its colour notes at beats in [start_beat, end_beat),
+    and the chains and arcs whose head lies there, replaced by notes = [Note, ...]. Everything else — the other
+    notes with all their fields, bombs, walls, events, custom data — is kept as it was. ValueError for a v4 file
+    (notes there are indices into shared data) or a file read_map could not read."""
+    if len(data) > MAX_DAT_BYTES:
+        raise MapTooLarge(f"{len(data)} bytes, more than the limit of {MAX_DAT_BYTES} (MAX_DAT_BYTES)")
+    difficulty = _parse_json(_gunzip(data) if data[:2] == b"\x1f\x8b" else data)
+    version, _ = _parse_difficulty(difficulty)
+    inside = lambda beat: type(beat) in (int, float) and start_beat <= beat < end_beat  # noqa: E731
+    if version.startswith("4") or "colorNotesData" in difficulty:
+        raise ValueError(f"a version {version or '4'} difficulty cannot be rewritten here (its notes index shared "
+                         "data); save the map as v3 in your editor")
+    if "colorNotes" in difficulty or version.startswith("3"):
+        difficulty["colorNotes"] = _splice(
+            _objects(difficulty, "colorNotes"), lambda n: inside(n.get("b", 0)), lambda n: n.get("b", 0),
+            [{"b": n.beat, "x": n.x, "y": n.y, "c": n.color, "d": n.direction, "a": 0} for n in notes])
+        for key in ("burstSliders", "sliders"):
+            if key in difficulty:
+                difficulty[key] = [a for a in _objects(difficulty, key) if not inside(a.get("b", 0))]
+    elif version.startswith(("1", "2")) or "_notes" in difficulty:
+        # v2 _type: 0 red, 1 blue, 3 bomb (bombs stay)
+        difficulty["_notes"] = _splice(
+            _objects(difficulty, "_notes"), lambda n: n.get("_type", 0) in (0, 1) and inside(n.get("_time", 0)),
+            lambda n: n.get("_time", 0),
+            [{"_time": n.beat, "_lineIndex": n.x, "_lineLayer": n.y, "_type": n.color, "_cutDirection": n.direction}
+             for n in notes])
+        if "_sliders" in difficulty:
+            difficulty["_sliders"] = [a for a in _objects(difficulty, "_sliders") if not inside(a.get("_headTime", 0))]
+    else:
+        raise ValueError(f"version {version!r}: not a v2 or v3 difficulty file")
+    return json.dumps(difficulty).encode()
+
+
+def _splice(objects, removed, time_of, new):
+    """objects = [dict, ...] of a difficulty file → the kept ones (not removed(o)) in their own order, with new (sorted
+    by time) where the first removed one was, or else before the first kept object later than the new ones' start."""
+    kept = [o for o in objects if not removed(o)]
+    at = next((i for i, o in enumerate(objects) if removed(o)), None)
+    if at is not None:
+        at = sum(1 for o in objects[:at] if not removed(o))
+    else:
+        start = min((time_of(o) for o in new), default=None)
+        at = next((i for i, o in enumerate(kept) if start is not None and _after(time_of(o), start)), len(kept))
+    return kept[:at] + new + kept[at:]
+
+
+def _after(time, start):
+    """time (a file's value, maybe not a number) > start."""
+    return type(time) in (int, float) and time > start
+
+
+def mark_generated(data: bytes, generator, version) -> bytes:
+    """Info.dat bytes → the same Info.dat with generator named in its editors custom data (v2 _customData._editors,
+    v4 customData.editors: {"_lastEditedBy"/"lastEditedBy": generator, generator: {"version": version}})."""
+    info = _parse_json(data)
+    if _info_major(info) == "2":
+        custom, editors_key, last_key = info.setdefault("_customData", {}), "_editors", "_lastEditedBy"
+    else:
+        custom, editors_key, last_key = info.setdefault("customData", {}), "editors", "lastEditedBy"
+    if type(custom) is not dict:
+        raise ValueError("Info.dat custom data is not an object")
+    editors = custom.setdefault(editors_key, {})
+    if type(editors) is not dict:
+        raise ValueError("Info.dat editors custom data is not an object")
+    editors[last_key] = generator
+    editors[generator] = {"version": version, "generated": True}
+    return json.dumps(info, indent=2).encode()
+
+
 def _read_difficulty(files, entry, bpm, tempo_events) -> Difficulty:
     data = files.load_json(files.read(entry.filename))
     version, parsed = _parse_difficulty(data)

@@ -50,7 +50,7 @@ DOWNLOADABLE = {".ogg", ".egg", ".mp3", ".wav", ".flac", ".opus"}   # what audio
 
 
 def write_map(out_path, difficulties, bpm, song_path, lead_in_s=0.0, song_name=None, song_author=None,
-              cover_path=None) -> str:
+              cover_path=None, lights=None) -> str:
     """Write Standard difficulties as a map BeatSaver accepts; returns out_path.
 
     difficulties = {"Expert": [Note(beat, x, y, color, direction), ...], ...} (names from DIFFICULTIES), notes in
@@ -64,6 +64,7 @@ def write_map(out_path, difficulties, bpm, song_path, lead_in_s=0.0, song_name=N
     copied as is; anything else is decoded by audio.load_audio to 44.1 kHz mono and encoded).
     song_name / song_author default to the song's title / artist tags, else its file stem / "".
     cover_path: an image, centre-cropped to a square; None → a generated one.
+    lights = {difficulty: (basic events, boost events)} (light_show), or None: the stage lit, no show.
     Raises ValueError for no or an unknown difficulty, a bpm outside 10..1000, a negative lead_in_s or the first note
     the game or BeatSaver would reject (beat outside 0..song length, x, y, color or direction out of range);
     nothing is written then, and no note is ever dropped or moved.
@@ -90,7 +91,7 @@ def write_map(out_path, difficulties, bpm, song_path, lead_in_s=0.0, song_name=N
             _check_notes(difficulties[name], duration_s * bpm / 60)
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
-        dats[f"{name}Standard.dat"] = json.dumps(_difficulty_v3(difficulties[name])).encode()
+        dats[f"{name}Standard.dat"] = json.dumps(_difficulty_v3(difficulties[name], (lights or {}).get(name))).encode()
     if only_dat:
         _write_atomic(out_path, next(iter(dats.values())))
         return out_path
@@ -101,6 +102,13 @@ def write_map(out_path, difficulties, bpm, song_path, lead_in_s=0.0, song_name=N
     # files = {name in the map: bytes}
     files = {"Info.dat": json.dumps(info, indent=2).encode(), **dats, "song.egg": song_egg,
              "cover.jpg": _cover_jpg(cover_path, song_name)}
+    return write_files(out_path, files)
+
+
+def write_files(out_path, files) -> str:
+    """files = {name in the map: bytes} → out_path: a zip when it ends in ".zip", else a new folder; either is
+    written completely or not at all. Returns out_path."""
+    out_path = os.fspath(out_path)
     if out_path.lower().endswith(".zip"):
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -133,6 +141,88 @@ def _write_folder_atomic(path, files):
         raise
 
 
+# ---- light show (issue 12) ----
+# A v3 basic-event light show derived from the notes and the audio, deterministic for a given map and song, in the
+# manner of mappers' light tools: the song is cut into sections of like energy (RMS per 4-beat bar against the
+# loudest bar: LIGHT_LOUD, LIGHT_QUIET); each section sets a base state (quiet: ring lights blue, lasers off, slow; middle: rings red, back
+# lasers blue; loud: everything on, fast lasers, colour boost, a ring zoom) and every section change spins the
+# rings; at each onset of notes the left laser flashes red for red notes and the right laser blue for blue notes
+# (fading in quiet sections), a double flashes the back lasers, and a note on one of the song's strongest onsets (top
+# LIGHT_ACCENT_SHARE of onset strength) flashes the centre lights and spins the rings. Event values (v3 `i`): 0 off,
+# 1/2/3 blue on/flash/fade, 5/6/7 red on/flash/fade; types (`et`): 0 back lasers, 1 ring lights, 2 left lasers,
+# 3 right lasers, 4 centre lights, 8 ring spin, 9 ring zoom, 12/13 left/right laser speed.
+LIGHT_BAR_BEATS = 4              # beats per energy bar
+LIGHT_LOUD, LIGHT_QUIET = 0.7, 0.35   # a bar's RMS / the loudest bar's: ≥ LOUD loud, < QUIET quiet, else middle
+LIGHT_MIN_SECTION_BARS = 2       # shorter runs of one energy level join the section before
+LIGHT_ACCENT_SHARE = 0.1         # share of the song's onsets (by strength) that light the centre
+BACK, RINGS, LEFT, RIGHT, CENTER, SPIN, ZOOM, LEFT_SPEED, RIGHT_SPEED = 0, 1, 2, 3, 4, 8, 9, 12, 13
+OFF, BLUE_ON, BLUE_FLASH, BLUE_FADE, RED_ON, RED_FLASH, RED_FADE = 0, 1, 2, 3, 5, 6, 7
+# energy level → base state: [(event type, value), ...], laser speed, colour boost
+SECTION_LIGHTS = {
+    0: ([(BACK, OFF), (RINGS, BLUE_ON), (LEFT, OFF), (RIGHT, OFF), (CENTER, OFF)], 1, False),
+    1: ([(BACK, BLUE_ON), (RINGS, RED_ON), (LEFT, OFF), (RIGHT, OFF), (CENTER, BLUE_ON)], 3, False),
+    2: ([(BACK, RED_ON), (RINGS, BLUE_ON), (LEFT, RED_ON), (RIGHT, BLUE_ON), (CENTER, RED_ON)], 6, True),
+}
+
+
+def light_show(notes, bpm, audio, sample_rate):
+    """notes = [Note, ...] in beats of bpm; audio = (samples,) float mono, beat 0 at sample 0 → (basic events,
+    colour boost events): v3 dicts {"b", "et", "i", "f"} and {"b", "o"}, sorted by beat, all within the song."""
+    audio = np.asarray(audio, dtype=np.float32)
+    song_beats = len(audio) / sample_rate * bpm / 60
+    # bar_rms = (bars,) mean RMS of each LIGHT_BAR_BEATS-beat bar; level = (bars,) 0 quiet, 1 middle, 2 loud
+    rms = librosa.feature.rms(y=audio, hop_length=TEMPO_HOP)[0]
+    rms_beats = np.arange(len(rms)) * TEMPO_HOP / sample_rate * bpm / 60
+    n_bars = max(1, math.ceil(song_beats / LIGHT_BAR_BEATS))
+    bar_of = np.minimum((rms_beats // LIGHT_BAR_BEATS).astype(int), n_bars - 1)
+    bar_rms = np.bincount(bar_of, weights=rms, minlength=n_bars) / np.maximum(np.bincount(bar_of, minlength=n_bars), 1)
+    loudness = bar_rms / bar_rms.max() if bar_rms.any() else bar_rms
+    level = np.where(loudness >= LIGHT_LOUD, 2, np.where(loudness >= LIGHT_QUIET, 1, 0))
+    # sections = [(first bar, level), ...]: runs of one level, short runs joining the one before
+    sections = []
+    for bar, bar_level in enumerate(level):
+        if not sections or (bar_level != sections[-1][1] and bar - sections[-1][0] >= LIGHT_MIN_SECTION_BARS):
+            sections.append((bar, int(bar_level)))
+    basic, boosts = [], []
+    for bar, bar_level in sections:
+        beat = float(bar * LIGHT_BAR_BEATS)
+        states, speed, boost = SECTION_LIGHTS[bar_level]
+        basic += [{"b": beat, "et": et, "i": value, "f": 1.0} for et, value in states]
+        basic += [{"b": beat, "et": et, "i": speed, "f": 1.0} for et in (LEFT_SPEED, RIGHT_SPEED)]
+        basic.append({"b": beat, "et": SPIN, "i": 0, "f": 1.0})
+        if bar_level == 2:
+            basic.append({"b": beat, "et": ZOOM, "i": 0, "f": 1.0})
+        boosts.append({"b": beat, "o": boost})
+    # strong_s = onset times (seconds) of the strongest LIGHT_ACCENT_SHARE of the song's onsets
+    envelope = librosa.onset.onset_strength(y=audio, sr=sample_rate, hop_length=TEMPO_HOP)
+    peaks = librosa.onset.onset_detect(onset_envelope=envelope, sr=sample_rate, hop_length=TEMPO_HOP)
+    strong_s = np.zeros(0)
+    if len(peaks):
+        cut = np.quantile(envelope[peaks], 1 - LIGHT_ACCENT_SHARE)
+        strong_s = librosa.frames_to_time(peaks[envelope[peaks] >= cut], sr=sample_rate, hop_length=TEMPO_HOP)
+    section_starts = [bar * LIGHT_BAR_BEATS for bar, _ in sections]
+    for time_s, group in zip(*note_onsets(notes, bpm)):
+        beat = float(group[0].beat)
+        quiet = sections[max(0, int(np.searchsorted(section_starts, beat, side="right")) - 1)][1] == 0
+        colors = {note.color for note in group}
+        if 0 in colors:
+            basic.append({"b": beat, "et": LEFT, "i": RED_FADE if quiet else RED_FLASH, "f": 1.0})
+        if 1 in colors:
+            basic.append({"b": beat, "et": RIGHT, "i": BLUE_FADE if quiet else BLUE_FLASH, "f": 1.0})
+        if colors == {0, 1}:
+            basic.append({"b": beat, "et": BACK, "i": BLUE_FLASH if quiet else RED_FLASH, "f": 1.0})
+        if len(strong_s) and np.min(np.abs(strong_s - time_s)) <= SCORE_WINDOWS_S[1]:
+            basic.append({"b": beat, "et": CENTER, "i": RED_FLASH if 0 in colors else BLUE_FLASH, "f": 1.0})
+            basic.append({"b": beat, "et": SPIN, "i": 0, "f": 1.0})
+    # one event per (beat, type): the later one (a note's flash over the section's base state)
+    unique = {}
+    for event in basic:
+        if 0 <= event["b"] <= song_beats:
+            unique[(event["b"], event["et"])] = event
+    boosts = [b for b in boosts if 0 <= b["b"] <= song_beats]
+    return sorted(unique.values(), key=lambda e: (e["b"], e["et"])), boosts
+
+
 def _check_notes(notes, song_beats):
     """Raise ValueError naming the first note outside the song (beat 0..song_beats) or with x, y, color or direction
     out of range."""
@@ -146,8 +236,10 @@ def _check_notes(notes, song_beats):
                                  f"{allowed.start}..{allowed.stop - 1}")
 
 
-def _difficulty_v3(notes) -> dict:
-    """notes → a v3.3.0 difficulty with every top-level array present and every field of each object written."""
+def _difficulty_v3(notes, lights=None) -> dict:
+    """notes → a v3.3.0 difficulty with every top-level array present and every field of each object written;
+    lights = (basic events, colour boost events) as light_show returns them, or None for the stage simply lit."""
+    basic, boosts = lights or ([{"b": 0.0, "et": event_type, "i": 1, "f": 1.0} for event_type in LIGHTS_ON], [])
     return {
         "version": "3.3.0",
         "bpmEvents": [],
@@ -159,8 +251,8 @@ def _difficulty_v3(notes) -> dict:
         "sliders": [],
         "burstSliders": [],
         "waypoints": [],
-        "basicBeatmapEvents": [{"b": 0.0, "et": event_type, "i": 1, "f": 1.0} for event_type in LIGHTS_ON],
-        "colorBoostBeatmapEvents": [],
+        "basicBeatmapEvents": basic,
+        "colorBoostBeatmapEvents": boosts,
         "lightColorEventBoxGroups": [],
         "lightRotationEventBoxGroups": [],
         "lightTranslationEventBoxGroups": [],
@@ -864,10 +956,10 @@ class DifficultyRules:
     max_gap_s: float            # longest time without a note while the music has onsets (see PlayState.deadline_s)
 
 
-# From the 39 fixture maps (Standard, difficulties without mods; README "Difficulty"): NPS band = the spread of
-# human maps of that difficulty; hand_gap_s ≈ the 1st–5th percentile of one hand's swing-to-swing gaps; onset_gap_s
-# ≈ the 5th percentile of onset-to-onset gaps; max_gap_s ≈ the 90th–95th percentile of onset-to-onset gaps;
-# notes_per_onset = the most a human map of the difficulty puts at one time (sliders and stacks aside).
+# From the fixture maps (Standard, no mods; the numbers and their sources: spec.md, "Playable by construction"): NPS
+# band = the spread of human maps of the difficulty; hand_gap_s and onset_gap_s at or below the human 5th percentile
+# of one hand's swing-to-swing and of onset-to-onset gaps; max_gap_s near their 90th-95th percentile of onset gaps;
+# notes_per_onset = what human maps of the difficulty put at one time (sliders and stacks aside).
 DIFFICULTIES = {rules.name: rules for rules in (
     DifficultyRules("Easy", 1, 10.0, 0.0, (0.4, 1.6), hand_gap_s=1.0, onset_gap_s=0.5, notes_per_onset=1,
                     max_gap_s=1.6),
@@ -876,7 +968,7 @@ DIFFICULTIES = {rules.name: rules for rules in (
     DifficultyRules("Hard", 5, 12.0, 0.0, (1.5, 4.0), hand_gap_s=0.28, onset_gap_s=0.19, notes_per_onset=2,
                     max_gap_s=0.8),
     DifficultyRules("Expert", 7, 16.0, 0.0, (2.8, 6.2), hand_gap_s=0.2, onset_gap_s=0.12, notes_per_onset=3,
-                    max_gap_s=0.55),
+                    max_gap_s=0.5),
     DifficultyRules("ExpertPlus", 9, 18.0, 0.0, (3.0, 8.7), hand_gap_s=0.16, onset_gap_s=0.06, notes_per_onset=4,
                     max_gap_s=0.45),
 )}
@@ -886,8 +978,6 @@ DIFFICULTIES = {rules.name: rules for rules in (
 class HandStart:
     swing: int                  # the hand's last swing before the segment: UP, DOWN, 0 = none
     swing_s: float              # its time (-inf: none)
-    rigid_first: bool = False   # that swing's class is only assumed: the hand's first swing here must be an up or
-                                # down arrow, whose swing does not depend on the one before
 
 
 @dataclass
@@ -904,9 +994,10 @@ class SegmentStart:
     @classmethod
     def seam(cls, start_s, rules):
         """A chunk after another generated in the same batch: its notes are unknown, but SegmentEnd.seam bounds them:
-        each hand's last swing is at most start_s - hand_gap_s / 2 and, when later than start_s + hand_gap_s / 2 - 0.5,
-        an up swing; the last onset at most start_s - onset_gap_s / 2; no blocker in the last VISION_BLOCK_S."""
-        hand = HandStart(UP, start_s - rules.hand_gap_s / 2, rigid_first=True)
+        each hand's last swing (if any) is an up swing at most start_s - hand_gap_s / 2; the last onset at most
+        start_s - onset_gap_s / 2; no blocker in the last VISION_BLOCK_S. Assuming "up at start_s - hand_gap_s / 2"
+        for both hands is then safe: every swing this chunk may start after it is right after the true one."""
+        hand = HandStart(UP, start_s - rules.hand_gap_s / 2)
         return cls((hand, hand), start_s - rules.onset_gap_s / 2, [])
 
     @classmethod
@@ -951,7 +1042,7 @@ class SegmentEnd:
     @classmethod
     def seam(cls, end_s, rules):
         """Before a chunk that starts from SegmentStart.seam(end_s, rules): the limits that make that start true."""
-        hand = HandEnd(end_s - rules.hand_gap_s / 2, UP, end_s + rules.hand_gap_s / 2 - PARITY_RESET_S)
+        hand = HandEnd(end_s - rules.hand_gap_s / 2, UP, -math.inf)
         return cls((hand, hand), end_s - rules.onset_gap_s / 2, [], end_s + rules.onset_gap_s / 2 - VISION_BLOCK_S)
 
     @classmethod
@@ -981,15 +1072,17 @@ class PlayState:
     """One segment's notes as they are generated, and what may come next.
 
     times_s = (ticks,) float seconds of each tick of the segment (non-decreasing); candidates = (K, 4) int
-    (x, y, color, direction) of the note types the grammar offers; onsets_s = sorted audio onset times of the song.
+    (x, y, color, direction) of the note types the grammar offers; onsets_s = sorted audio onset times of the song;
+    first_tick: the segment's first tick (the ticks before belong to its chunk but not to the segment).
     Use per note: tick_mask() → the ticks the next note may take and whether the segment may end there; at(tick) for
     the tick chosen; type_mask() → which candidates may be the note at that tick; push(k) for the one chosen. A note
     at the tick of the previous note joins its onset. Everything is a mask over the model's choices, never a choice.
     closing=True (few tokens left) allows only the notes the segment's end needs, and the end.
     """
 
-    def __init__(self, rules, times_s, candidates, onsets_s, start=None, end=None):
+    def __init__(self, rules, times_s, candidates, onsets_s, start=None, end=None, first_tick=0):
         self.rules = rules
+        self.first_tick = first_tick                # no note before this tick (a regenerated range's start)
         self.times_s = np.asarray(times_s, dtype=float)
         self.onsets_s = np.asarray(onsets_s, dtype=float)
         start = start or SegmentStart.song_start()
@@ -1008,10 +1101,9 @@ class PlayState:
         self.blocker = (self.y == 1) & np.isin(self.x, (1, 2))
         self.red_into_blue = np.isin(self.direction, list(RED_INTO_BLUE))
         self.blue_into_red = np.isin(self.direction, list(BLUE_INTO_RED))
-        # per hand: the swing before the current onset, its time, and whether its next swing must be rigid
+        # per hand: the swing before the current onset and its time
         self.swing = [hand.swing for hand in start.hands]
         self.swing_s = [hand.swing_s for hand in start.hands]
-        self.rigid_first = [hand.rigid_first for hand in start.hands]
         self.last_onset_s = start.last_onset_s      # the onset before the current one
         self.blockers = list(start.blockers)        # [(time_s, x), ...] that may still hide a later note
         self.tick = -1                              # tick of the current onset (-1: none yet)
@@ -1022,10 +1114,10 @@ class PlayState:
     # ---- the current onset ----
 
     def _resolved(self, hand):
-        """(swing, time_s, rigid_first) the hand leaves after the current onset."""
+        """(swing, time_s) the hand leaves after the current onset."""
         if self.onset_swing[hand] is None:
-            return self.swing[hand], self.swing_s[hand], self.rigid_first[hand]
-        return self.onset_swing[hand] or opposite(self.swing[hand]), self.times_s[self.tick], False
+            return self.swing[hand], self.swing_s[hand]
+        return self.onset_swing[hand] or opposite(self.swing[hand]), self.times_s[self.tick]
 
     def _ends_well(self, hand, swing, swing_s):
         """Whether a hand whose last swing is (swing, swing_s) meets the segment's end."""
@@ -1036,7 +1128,7 @@ class PlayState:
         """The next note goes at tick: a new onset when it is later than the current one."""
         if tick != self.tick:
             for hand in (0, 1):
-                self.swing[hand], self.swing_s[hand], self.rigid_first[hand] = self._resolved(hand)
+                self.swing[hand], self.swing_s[hand] = self._resolved(hand)
             if self.onset:
                 self.last_onset_s = self.times_s[self.tick]
             self.tick, self.onset, self.onset_swing = tick, [], [None, None]
@@ -1064,10 +1156,10 @@ class PlayState:
         j = np.searchsorted(self.onsets_s, gap_end_s, side="right")
         return self.onsets_s[j] if j < len(self.onsets_s) else math.inf
 
-    def _swings(self, hand, times_s, swing, swing_s, rigid_first):
+    def _swings(self, hand, times_s, swing, swing_s):
         """A new swing of `hand` at each of times_s (array) after (swing, swing_s) → (may_up, may_down, flexible) bool
         arrays: whether an up arrow, a down arrow, a note taking the swing opposite to the last (horizontal arrow,
-        dot) may start it, by the shortest gap, parity, rigid-first, deadline and end rules."""
+        dot) may start it, by the shortest gap, parity, deadline and end rules."""
         rules, end = self.rules, self.end.hands[hand]
         deadline_s = min(end.deadline_s, self.end.onset_deadline_s)
         ok = (times_s >= swing_s + rules.hand_gap_s - 1e-9) & (times_s <= end.deadline_s)
@@ -1078,7 +1170,7 @@ class PlayState:
         may = {}
         for cls in (UP, DOWN):
             may[cls] = ok & ~(too_soon & (cls == swing)) & (room | ~late | (end.final in (0, cls)))
-        return may[UP], may[DOWN], may[opposite(swing)] & (not rigid_first)
+        return may[UP], may[DOWN], may[opposite(swing)]
 
     def _lanes_free(self, times_s):
         """(len(times_s), 4) bool: the lanes in which a note at those times is hidden by no blocker."""
@@ -1089,8 +1181,17 @@ class PlayState:
             free[hidden, max(0, blocker_x - 1):blocker_x + 2] = False
         return free
 
+    def _last_chance(self, hand, times_s):
+        """(len(times_s),) bool: whether an onset at times_s is the hand's last chance to make the swing the end wants
+        (it has not made it yet, and no later onset, onset_gap_s on, would still come by its deadline)."""
+        if self._ends_well(hand, *self._resolved(hand)):
+            return np.zeros(len(times_s), dtype=bool)
+        deadline_s = min(self.end.hands[hand].deadline_s, self.end.onset_deadline_s)
+        return times_s + self.rules.onset_gap_s > deadline_s + SAFETY_S
+
     def _feasible(self, first, stop, closing):
-        """(stop - first,) bool: ticks first..stop-1 (all after the current onset) where some note may start an onset."""
+        """(stop - first,) bool: ticks first..stop-1 (all after the current onset) where some note may start an onset.
+        Where it is some hand's last chance (_last_chance), that hand must be able to make its final swing there."""
         times_s = self.times_s[first:stop]
         onset_s = self.times_s[self.tick] if self.onset else self.last_onset_s
         feasible = (times_s >= onset_s + self.rules.onset_gap_s - 1e-9) & (times_s <= self.end.onset_deadline_s)
@@ -1098,14 +1199,20 @@ class PlayState:
             return feasible
         feasible &= self._lanes_free(times_s).any(axis=1)
         can_swing = np.zeros(len(times_s), dtype=bool)
+        must_ok = np.ones(len(times_s), dtype=bool)       # every hand at its last chance can make its final swing
+        musts = np.zeros(len(times_s), dtype=int)         # how many hands are at their last chance
         for hand in (0, 1):
-            swing, swing_s, rigid_first = self._resolved(hand)
-            may_up, may_down, flexible = self._swings(hand, times_s, swing, swing_s, rigid_first)
+            swing, swing_s = self._resolved(hand)
+            may_up, may_down, flexible = self._swings(hand, times_s, swing, swing_s)
             if not closing:
                 can_swing |= may_up | may_down | flexible
             elif not self._ends_well(hand, swing, swing_s):
                 can_swing |= may_up if self.end.hands[hand].final == UP else may_down
-        return feasible & can_swing
+            must = self._last_chance(hand, times_s)
+            final = may_up if self.end.hands[hand].final == UP else may_down
+            must_ok &= ~must | final
+            musts += must
+        return feasible & np.where(musts > 0, must_ok & (musts <= self.rules.notes_per_onset), can_swing)
 
     def tick_mask(self, closing=False):
         """→ (allowed, eos): allowed = (ticks,) bool, the ticks the next note may take (the current onset's, to join
@@ -1115,10 +1222,10 @@ class PlayState:
             allowed[self.tick] = True
         onset_s = self.times_s[self.tick] if self.onset else self.last_onset_s
         if not math.isfinite(onset_s):      # nothing yet: the gap counts from the segment's start
-            onset_s = self.times_s[0] - self.rules.onset_gap_s if len(self.times_s) else 0.0
+            onset_s = self.times_s[self.first_tick] - self.rules.onset_gap_s
         self.blockers = [(t, x) for t, x in self.blockers if t >= onset_s - VISION_BLOCK_S]
         deadline_s = self.deadline_s(onset_s)
-        first = self.tick + 1
+        first = max(self.tick + 1, self.first_tick)
         stop = max(first, int(np.searchsorted(self.times_s, deadline_s + 1e-9, side="right")))
         window = self._feasible(first, stop, closing)
         allowed[first:stop] = window
@@ -1152,19 +1259,23 @@ class PlayState:
                 mask &= ~((self.color == 1) & (self.y == self.y[k]) & (self.x == self.x[k] + 1) & self.blue_into_red)
             if self.color[k] == 1 and self.blue_into_red[k]:
                 mask &= ~((self.color == 0) & (self.y == self.y[k]) & (self.x == self.x[k] - 1) & self.red_into_blue)
+        # hands at their last chance (see _last_chance) that have no note here yet: the next note is one of theirs
+        musts = [hand for hand in (0, 1) if self.onset_swing[hand] is None
+                 and self._last_chance(hand, np.array([time_s]))[0]]
         for hand in (0, 1):
             if self.onset_swing[hand] is None:
-                hand_mask = self._starts_swing(hand, time_s, closing)
+                hand_mask = self._starts_swing(hand, time_s, closing or hand in musts)
             else:
                 hand_mask = self._joins_swing(hand, closing)
             mask &= (self.color != hand) | hand_mask
+        if musts:
+            mask &= np.isin(self.color, musts)
         return mask
 
     def _starts_swing(self, hand, time_s, closing):
         """(K,) bool: candidates that may start a swing of `hand` at time_s."""
-        swing, swing_s, rigid_first = self.swing[hand], self.swing_s[hand], self.rigid_first[hand]
-        may_up, may_down, flexible = (bool(m[0]) for m in self._swings(hand, np.array([time_s]), swing, swing_s,
-                                                                       rigid_first))
+        swing, swing_s = self.swing[hand], self.swing_s[hand]
+        may_up, may_down, flexible = (bool(m[0]) for m in self._swings(hand, np.array([time_s]), swing, swing_s))
         if closing:
             if self._ends_well(hand, swing, swing_s):
                 return np.zeros(len(self.x), dtype=bool)
@@ -1179,11 +1290,9 @@ class PlayState:
         if closing:
             return np.zeros(len(self.x), dtype=bool)
         onset_swing, after = self.onset_swing[hand], self.swing_after[self.swing[hand]]
-        if self.rigid_first[hand]:          # the swing must not depend on the one before: no horizontal arrows
-            mask = (self.rigid & (after == onset_swing)) | self.dot
-        elif onset_swing == 0:              # dots so far: an arrow decides the swing, where parity allows it
+        if onset_swing == 0:              # dots so far: an arrow decides the swing, where parity allows it
             may_up, may_down, _ = (bool(m[0]) for m in self._swings(
-                hand, np.array([self.times_s[self.tick]]), self.swing[hand], self.swing_s[hand], False))
+                hand, np.array([self.times_s[self.tick]]), self.swing[hand], self.swing_s[hand]))
             mask = ((after == UP) & may_up) | ((after == DOWN) & may_down) | self.dot
         else:
             mask = (after == onset_swing) | self.dot
@@ -1192,6 +1301,77 @@ class PlayState:
                 apart_deg = np.abs((self.angle - self.angle[k] + 180) % 360 - 180)
                 mask &= ~(apart_deg > 45)   # NaN (a dot) compares False: dots stay allowed
         return mask
+
+
+# every (x, y, color, direction) a note can have: the candidates of thin_notes' play state
+ALL_NOTES = np.array([(x, y, color, direction) for x in range(4) for y in range(3) for color in (0, 1)
+                      for direction in range(9)])
+# a direction → the one that swings the other way (dots and horizontals stay: parity never needs them changed)
+REVERSED = {0: 1, 1: 0, 4: 7, 7: 4, 5: 6, 6: 5, 2: 2, 3: 3, 8: 8}
+
+
+def onset_strength(audio, sample_rate, times_s):
+    """(len(times_s),) float: the audio's onset strength (librosa) at each time, the largest within ±20 ms."""
+    envelope = librosa.onset.onset_strength(y=np.asarray(audio, dtype=np.float32), sr=sample_rate, hop_length=TEMPO_HOP)
+    frame_s = TEMPO_HOP / sample_rate
+    out = np.zeros(len(times_s))
+    for i, time_s in enumerate(times_s):
+        lo = max(0, int((time_s - SCORE_WINDOWS_S[0]) / frame_s))
+        hi = min(len(envelope), int((time_s + SCORE_WINDOWS_S[0]) / frame_s) + 1)
+        out[i] = envelope[lo:hi].max() if hi > lo else 0.0
+    return out
+
+
+def thin_notes(notes, bpm, rules, onsets_s, strength):
+    """A dense playable map → the map of an easier difficulty made of its notes: notes = [Note, ...] in beats of bpm;
+    onsets_s = the audio's onsets (audio_onsets); strength(times_s) → the audio's onset strength there. Only notes
+    within SCORE_WINDOWS_S[1] of an audio onset are kept (an easier map follows what the music plays), unless that
+    leaves the map below the difficulty's NPS band; then all are candidates. A PlayState for `rules` whose ticks are
+    the candidates' onsets walks the song: among the onsets it allows next (its shortest gaps, density deadline and
+    playability rules), the one on the strongest audio onset is kept, with its notes — each as it was, or with its
+    direction reversed, or as a dot, whichever the rules allow first (so a hand's swings keep alternating: the flow).
+    Returns the kept notes, sorted; every rule of the difficulty holds, as for a generated map."""
+    onsets_s = np.asarray(onsets_s, dtype=float)
+    if len(onsets_s) and notes:
+        # times_s = (notes,) each note's time; apart_s = its distance to the nearest audio onset
+        times_s = np.array([n.beat * 60 / bpm for n in notes])
+        j = np.searchsorted(onsets_s, times_s)
+        apart_s = np.minimum(np.abs(times_s - onsets_s[np.maximum(j - 1, 0)]),
+                             np.abs(onsets_s[np.minimum(j, len(onsets_s) - 1)] - times_s))
+        on_audio = [n for n, near in zip(notes, apart_s <= SCORE_WINDOWS_S[1]) if near]
+        thinned = _thin(on_audio, bpm, rules, onsets_s, strength)
+        if thinned and map_stats(thinned, bpm)["nps"] >= rules.nps[0]:
+            return thinned
+    return _thin(notes, bpm, rules, onsets_s, strength)
+
+
+def _thin(notes, bpm, rules, onsets_s, strength):
+    """thin_notes' walk over the onsets of notes."""
+    onsets = note_onsets(notes, bpm)
+    times_s, groups = onsets[0], onsets[1]
+    if not len(times_s):
+        return []
+    state = PlayState(rules, times_s, ALL_NOTES, onsets_s)
+    power = strength(times_s)
+    index = {tuple(row): k for k, row in enumerate(ALL_NOTES)}
+    kept = []
+    while True:
+        allowed, _ = state.tick_mask()
+        allowed[:state.tick + 1] = False            # one visit per onset
+        if not allowed.any():
+            break
+        candidates = np.flatnonzero(allowed)
+        tick = int(candidates[np.argmax(power[candidates])])
+        state.at(tick)
+        for note in groups[tick]:
+            mask = state.type_mask()
+            for direction in (note.direction, REVERSED[note.direction], DOT):
+                k = index[(note.x, note.y, note.color, direction)]
+                if mask[k]:
+                    state.push(k)
+                    kept.append(note._replace(direction=direction))
+                    break
+    return sorted(kept)
 
 
 def _score_command(args):

@@ -3,7 +3,8 @@
     .venv/bin/python tests/bench_infer.py [--hidden 256 --layers 4] [--qwen3_06b]
 
 1. all chunks of a song in one batched generate call vs one call per chunk (target ≥ 3× faster);
-2. the cost of the note grammar (target ≤ 10 % of generation time);
+2. the cost of the note grammar, and of the play constraint on top of it, all 18 chunks batched (target ≤ 10 % of
+   generation time), and the grammar's cost per step for a batch of 16 with Qwen's full 151,936-token vocabulary;
 3. static vs dynamic KV cache per token at a long (30 s chunk, ~4.5k token) prompt;
 4. training tokens/s through train.py's Unsloth/TRL path.
 """
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import utils  # noqa: E402
 
 
 def tiny_model(hidden, layers):
@@ -59,8 +61,16 @@ def timed(fn, repeat=2):
     return best
 
 
-def generate(model, prompts, new_tokens, grammar=True, cache="static"):
-    """new_tokens ids for every prompt (EOS held back by min_new_tokens so every run does the same work)."""
+def play_states(n, seconds=10.0, bpm=120.0):
+    """n utils.PlayStates (ExpertPlus) for chunks of `seconds` at bpm, the audio with an onset every 0.25 s."""
+    times_s = np.arange(int(seconds * bpm / 60 * data.PPQ)) * 60 / bpm / data.PPQ
+    return [utils.PlayState(utils.DIFFICULTIES["ExpertPlus"], times_s, data.NOTE_TYPE_FIELDS,
+                            np.arange(0.1, seconds, 0.25)) for _ in range(n)]
+
+
+def generate(model, prompts, new_tokens, grammar=True, cache="static", play=False):
+    """new_tokens ids for every prompt (EOS held back by min_new_tokens so every run does the same work); play: the
+    play constraint too (10 s chunks at 120 BPM, longer than new_tokens can fill, so EOS is never needed)."""
     from transformers import LogitsProcessorList
     length = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), length), data.PAD)
@@ -68,11 +78,26 @@ def generate(model, prompts, new_tokens, grammar=True, cache="static"):
     for row, prompt in enumerate(prompts):
         ids[row, length - len(prompt):] = torch.tensor(prompt)
         mask[row, length - len(prompt):] = 1
-    processors = LogitsProcessorList([data.NoteGrammar(length, [12287] * len(prompts))] if grammar else [])
+    states = play_states(len(prompts)) if play else None
+    processors = LogitsProcessorList([data.NoteGrammar(length, [12287] * len(prompts), states)] if grammar else [])
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors, do_sample=False,
                        max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=data.EOS,
                        pad_token_id=data.PAD, cache_implementation=cache)
+
+
+def grammar_step_ms(batch, vocab, steps, play):
+    """Mean ms of one NoteGrammar call for a (batch, vocab) score matrix over `steps` generated tokens."""
+    grammar = data.NoteGrammar(1, [959] * batch, play_states(batch) if play else None, max_new_tokens=steps + 10)
+    rows = torch.zeros(batch, 1, dtype=torch.long)
+    elapsed_s = 0.0
+    for _ in range(steps):
+        scores = torch.randn(batch, vocab)
+        start = time.perf_counter()
+        masked = grammar(rows, scores)
+        elapsed_s += time.perf_counter() - start
+        rows = torch.cat([rows, masked.argmax(dim=1, keepdim=True)], dim=1)
+    return elapsed_s / steps * 1000
 
 
 def main(argv=None):
@@ -97,6 +122,13 @@ def main(argv=None):
     with_grammar = timed(lambda: generate(model, prompts[:6], args.new_tokens))
     without = timed(lambda: generate(model, prompts[:6], args.new_tokens, grammar=False))
     print(f"grammar: {with_grammar:.2f} s with, {without:.2f} s without → {(with_grammar / without - 1) * 100:+.1f} %")
+    token_grammar = timed(lambda: generate(model, prompts, args.new_tokens), repeat=2)
+    constrained = timed(lambda: generate(model, prompts, args.new_tokens, play=True), repeat=2)
+    print(f"play constraint, 18 chunks batched: {constrained:.2f} s with, {token_grammar:.2f} s with the token grammar "
+          f"alone → {(constrained / token_grammar - 1) * 100:+.1f} %")
+    for play in (False, True):
+        print(f"grammar step, batch 16, Qwen's 151,936-token vocabulary, {'with' if play else 'without'} the play "
+              f"constraint: {grammar_step_ms(16, 151936, 64, play):.2f} ms")
 
     long_prompt = [data.prompt_tokens(rng.integers(0, 1024, (2250, 2)))]
     cache_comparison(model, long_prompt, args.new_tokens, repeat=2)

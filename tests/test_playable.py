@@ -29,7 +29,7 @@ def play_chunks(audio, bpm, difficulty, chunk_s, rng, policy, budget=None):
     for k, (start_beat, end_beat, _, _) in enumerate(plan):
         last_tick = min((end_beat - start_beat) * data.PPQ,
                         math.ceil((duration_s - start_beat * 60 / bpm) / tick_s)) - 1
-        state = infer.play_state(difficulty, plan, k, last_tick, bpm, onsets_s)
+        state = infer.play_state(difficulty, plan, k, 0, last_tick, bpm, onsets_s)
         favourite = int(rng.integers(data.SIZES["note_type"]))
         n = 0
         while True:

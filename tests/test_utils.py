@@ -69,6 +69,13 @@ def beatsaver_problems(folder):
             problems += [] if rank == entry["_difficultyRank"] else [f"rank {entry['_difficultyRank']}"]
             difficulty = json.loads((folder / entry["_beatmapFilename"]).read_text())
             problems += [f"difficulty lacks {key}" for key in V3_ARRAYS if key not in difficulty]
+            for event in difficulty["basicBeatmapEvents"]:
+                if set(event) != {"b", "et", "i", "f"} or not 0 <= event["b"] <= song_beats or event["et"] not in \
+                        (0, 1, 2, 3, 4, 8, 9, 12, 13) or type(event["i"]) is not int or event["i"] < 0:
+                    problems.append(f"event {event}")
+            for boost in difficulty["colorBoostBeatmapEvents"]:
+                if set(boost) != {"b", "o"} or not 0 <= boost["b"] <= song_beats or type(boost["o"]) is not bool:
+                    problems.append(f"boost {boost}")
             for note in difficulty["colorNotes"]:
                 if set(note) != {"b", "x", "y", "c", "d", "a"}:
                     problems.append(f"note fields {sorted(note)}")
@@ -195,8 +202,12 @@ def test_bsmap_loads_our_map_with_strict_schema_checks(tmp_path, request):
                                   "bsmap@2.2.9"], capture_output=True, text=True, timeout=120)
         if install.returncode:
             pytest.skip(f"npm could not install bsmap: {install.stderr[-300:]}")
-    folder = Path(utils.write_map(tmp_path / "map", {name: some_notes() for name in utils.DIFFICULTIES}, BPM,
-                                  write_song(tmp_path / "song.wav")))
+    song = write_song(tmp_path / "song.wav")
+    notes = some_notes()
+    lights = {name: utils.light_show(notes, BPM, load_audio(song), RATE) for name in utils.DIFFICULTIES}
+    folder = Path(utils.write_map(tmp_path / "map", {name: notes for name in utils.DIFFICULTIES}, BPM, song,
+                                  lights=lights))
+    assert beatsaver_problems(folder) == []
     script = """
         const fs = require('fs'), path = require('path'), bsmap = require('bsmap');
         const strict = {schemaCheck: {enabled: true, throwOn: {unused: true, missing: true, nullish: true,
@@ -212,6 +223,26 @@ def test_bsmap_loads_our_map_with_strict_schema_checks(tmp_path, request):
                             env={**os.environ, "NODE_PATH": str(modules / "node_modules")})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "Standard ExpertPlus 40"
+
+
+# ---- light show ----
+
+def test_light_show_follows_sections_and_notes_and_is_deterministic():
+    """A song quiet for 16 s then loud: the loud half gets the colour boost and fast lasers; every onset flashes the
+    laser of its colour; a double flashes the back lasers; the same input gives the same show."""
+    quiet = 0.02 * click_song(16.0, np.arange(0.5, 16, 0.5))
+    audio = np.concatenate([quiet, click_song(16.0, np.arange(0.25, 16, 0.25))])
+    notes = [Note(b, 1, 0, 0, 1) for b in np.arange(2.0, 64, 2.0)] + [Note(b, 2, 0, 1, 1) for b in np.arange(3.0, 64, 2.0)]
+    notes.append(Note(40.0, 2, 0, 1, 1))        # a double at beat 40 with the red note there
+    basic, boosts = utils.light_show(sorted(notes), BPM, audio, RATE)
+    assert (basic, boosts) == utils.light_show(sorted(notes), BPM, audio, RATE)
+    boost_at = lambda beat: [b["o"] for b in boosts if b["b"] <= beat][-1]      # noqa: E731
+    assert boost_at(10.0) is False and boost_at(60.0) is True
+    events = {(e["b"], e["et"]): e["i"] for e in basic}
+    assert events[(4.0, utils.LEFT)] == utils.RED_FADE and events[(44.0, utils.LEFT)] == utils.RED_FLASH
+    assert events[(45.0, utils.RIGHT)] == utils.BLUE_FLASH and (40.0, utils.BACK) in events
+    assert all(0 <= e["b"] <= 64 for e in basic) and len({(e["b"], e["et"]) for e in basic}) == len(basic)
+    assert any(e["et"] == utils.CENTER and e["b"] > 32 for e in basic)            # accents on the loud onsets
 
 
 # ---- chains_to_notes, snap_notes ----
