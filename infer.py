@@ -224,11 +224,11 @@ def generate_map(model, audio_tokenizer, audio, bpm, chunk_duration, difficultie
                 notes[difficulty].add(Note(start_beat + tick / data.PPQ, *data.note_fields(type_)))
     notes = {difficulty: sorted(chunk_notes) for difficulty, chunk_notes in notes.items()}
     if thin:
-        sample_rate = audio_tokenizer.sample_rate
+        strength = utils.onset_strength(audio, audio_tokenizer.sample_rate)
         for difficulty in difficulties:
             if difficulty not in notes:
                 notes[difficulty] = utils.thin_notes(notes["ExpertPlus"], bpm, utils.DIFFICULTIES[difficulty], onsets_s,
-                                                     lambda times_s: utils.onset_strength(audio, sample_rate, times_s))
+                                                     strength)
     return {difficulty: notes[difficulty] for difficulty in difficulties}
 
 

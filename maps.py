@@ -321,13 +321,10 @@ def _splice(objects, removed, time_of, new):
         at = sum(1 for o in objects[:at] if not removed(o))
     else:
         start = min((time_of(o) for o in new), default=None)
-        at = next((i for i, o in enumerate(kept) if start is not None and _after(time_of(o), start)), len(kept))
+        # time_of(o) is the file's value: maybe not a number
+        at = next((i for i, o in enumerate(kept) if start is not None and type(time_of(o)) in (int, float)
+                   and time_of(o) > start), len(kept))
     return kept[:at] + new + kept[at:]
-
-
-def _after(time, start):
-    """time (a file's value, maybe not a number) > start."""
-    return type(time) in (int, float) and time > start
 
 
 def mark_generated(data: bytes, generator, version) -> bytes:

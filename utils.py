@@ -141,11 +141,11 @@ def _write_folder_atomic(path, files):
         raise
 
 
-# ---- light show (issue 12) ----
+# ---- light show ----
 # A v3 basic-event light show derived from the notes and the audio, deterministic for a given map and song, in the
 # manner of mappers' light tools: the song is cut into sections of like energy (RMS per 4-beat bar against the
-# loudest bar: LIGHT_LOUD, LIGHT_QUIET); each section sets a base state (quiet: ring lights blue, lasers off, slow; middle: rings red, back
-# lasers blue; loud: everything on, fast lasers, colour boost, a ring zoom) and every section change spins the
+# loudest bar: LIGHT_LOUD, LIGHT_QUIET); each section sets a base state (quiet: ring lights blue, lasers off, slow;
+# middle: rings red, back lasers blue; loud: everything on, fast lasers, colour boost, a ring zoom) and spins the
 # rings; at each onset of notes the left laser flashes red for red notes and the right laser blue for blue notes
 # (fading in quiet sections), a double flashes the back lasers, and a note on one of the song's strongest onsets (top
 # LIGHT_ACCENT_SHARE of onset strength) flashes the centre lights and spins the rings. Event values (v3 `i`): 0 off,
@@ -1222,7 +1222,8 @@ class PlayState:
             allowed[self.tick] = True
         onset_s = self.times_s[self.tick] if self.onset else self.last_onset_s
         if not math.isfinite(onset_s):      # nothing yet: the gap counts from the segment's start
-            onset_s = self.times_s[self.first_tick] - self.rules.onset_gap_s
+            start_s = self.times_s[self.first_tick] if self.first_tick < len(self.times_s) else 0.0
+            onset_s = start_s - self.rules.onset_gap_s
         self.blockers = [(t, x) for t, x in self.blockers if t >= onset_s - VISION_BLOCK_S]
         deadline_s = self.deadline_s(onset_s)
         first = max(self.tick + 1, self.first_tick)
@@ -1310,16 +1311,20 @@ ALL_NOTES = np.array([(x, y, color, direction) for x in range(4) for y in range(
 REVERSED = {0: 1, 1: 0, 4: 7, 7: 4, 5: 6, 6: 5, 2: 2, 3: 3, 8: 8}
 
 
-def onset_strength(audio, sample_rate, times_s):
-    """(len(times_s),) float: the audio's onset strength (librosa) at each time, the largest within ±20 ms."""
+def onset_strength(audio, sample_rate):
+    """audio = (samples,) float mono → strength(times_s) → (len(times_s),) float: the audio's onset strength
+    (librosa) at each time, the largest within ±20 ms. The envelope is computed once, here."""
     envelope = librosa.onset.onset_strength(y=np.asarray(audio, dtype=np.float32), sr=sample_rate, hop_length=TEMPO_HOP)
     frame_s = TEMPO_HOP / sample_rate
-    out = np.zeros(len(times_s))
-    for i, time_s in enumerate(times_s):
-        lo = max(0, int((time_s - SCORE_WINDOWS_S[0]) / frame_s))
-        hi = min(len(envelope), int((time_s + SCORE_WINDOWS_S[0]) / frame_s) + 1)
-        out[i] = envelope[lo:hi].max() if hi > lo else 0.0
-    return out
+
+    def strength(times_s):
+        out = np.zeros(len(times_s))
+        for i, time_s in enumerate(times_s):
+            lo = max(0, int((time_s - SCORE_WINDOWS_S[0]) / frame_s))
+            hi = min(len(envelope), int((time_s + SCORE_WINDOWS_S[0]) / frame_s) + 1)
+            out[i] = envelope[lo:hi].max() if hi > lo else 0.0
+        return out
+    return strength
 
 
 def thin_notes(notes, bpm, rules, onsets_s, strength):

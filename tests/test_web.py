@@ -92,7 +92,9 @@ def test_page_maps_an_uploaded_song(server, browser, tmp_path):
     lines = score.input_value()
     assert "wrote Click Song_beatgen.zip: Hard, Expert, ExpertPlus over" in lines, lines    # by rank; no server paths
     assert lines.count("parity errors 0 red / 0 blue, vision blocks 0, impossible doubles 0") == 3, lines
-    assert page.locator("#preview img").count() == 1 and page.locator("#clicks audio").count() >= 0
+    assert page.locator("#preview img").count() == 1
+    clicks = page.locator("#clicks").inner_html()           # the player's source: the click track file
+    assert "_clicks.wav" in clicks, clicks[-2000:]
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     if os.environ.get("BEATGEN_SCREENSHOT"):
         shutil.copy(tmp_path / "page.png", os.environ["BEATGEN_SCREENSHOT"])
