@@ -325,17 +325,18 @@ class Mapper:
         sample_rate = self.metadata["sample_rate"]
         # audio = (samples,) float32 at the model's rate, as the song file starts
         audio = load_audio(song_path, sample_rate)
-        lead_in_s, base_map, base_notes = 0.0, None, None
+        lead_in_s, base_map, base_notes, tempo_warning = 0.0, None, None, []
         if base is not None:
             base_map, base_notes = read_base(base, difficulties, bpm)
             bpm = base_map.bpm
             if snap:
                 raise ValueError("--snap would move the notes kept from --base; leave it out")
         elif bpm is None:
-            bpm, first_beat_s = utils.estimate_beat(audio, sample_rate)
-            lead_in_s = utils.lead_in_for_beat(bpm, first_beat_s)
+            estimate = utils.estimate_beat(audio, sample_rate)
+            bpm, lead_in_s = estimate.bpm, utils.lead_in_for_beat(estimate.bpm, estimate.first_beat_s)
+            tempo_warning = [estimate.warning()] if estimate.warning() else []
             if progress:
-                print(f"estimated tempo {bpm:.2f} BPM, first beat at {first_beat_s:.3f} s")
+                print(f"estimated tempo {bpm:.2f} BPM, first beat at {estimate.first_beat_s:.3f} s")
         if not 10 <= bpm <= 1000:
             raise ValueError(f"BPM {bpm} outside 10..1000")
         self.load()
@@ -359,7 +360,7 @@ class Mapper:
                     for name, notes in maps_notes.items()} if lights else None
             written = utils.write_map(output, maps_notes, bpm, song_path, lead_in_s=lead_in_s, lights=show)
             what = f"{', '.join(maps_notes)} over {duration_s:.1f} s at {bpm:g} BPM"
-        result = MapResult(written, bpm, lead_in_s, maps_notes, [f"wrote {written}: {what}"] + [
+        result = MapResult(written, bpm, lead_in_s, maps_notes, tempo_warning + [f"wrote {written}: {what}"] + [
             f"  {name}: {score_line(notes, bpm)}" for name, notes in maps_notes.items()])
         if preview:
             hardest = max(maps_notes, key=lambda name: utils.DIFFICULTIES[name].rank)

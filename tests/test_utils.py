@@ -355,7 +355,8 @@ def tempo_results():
     results = []
     for i, (bpm, pattern) in enumerate(TEMPO_CASES):
         first_beat_s = np.random.default_rng(i).uniform(0, 60 / bpm)
-        estimated_bpm, estimated_first_s = utils.estimate_beat(synthetic_song(bpm, first_beat_s, pattern, seed=i), RATE)
+        estimate = utils.estimate_beat(synthetic_song(bpm, first_beat_s, pattern, seed=i), RATE)
+        estimated_bpm, estimated_first_s = estimate.bpm, estimate.first_beat_s
         octave = 2.0 ** round(math.log2(estimated_bpm / bpm))
         # a double-tempo grid holds the true beats and the off-beats, so either is on its grid
         period_s = min(60 / bpm, 60 / estimated_bpm)
@@ -393,7 +394,7 @@ def test_lead_in_puts_the_grid_on_whole_beats(bpm, first_beat_s):
 def test_estimated_beat_and_lead_in_put_written_beats_on_the_clicks(tmp_path):
     # clicks at 0.37 s + k * 0.5 s: the grid starts at 0.37 s, 0.13 s of lead-in makes that beat 1 of song.egg
     song = write_song(tmp_path / "song.wav", clicks_s=np.arange(0.37, 11.5, 0.5))
-    bpm, first_beat_s = utils.estimate_beat(load_audio(song), RATE)
+    bpm, first_beat_s, *_ = utils.estimate_beat(load_audio(song), RATE)
     lead_in_s = utils.lead_in_for_beat(bpm, first_beat_s)
     assert bpm == pytest.approx(120, rel=0.001) and lead_in_s == pytest.approx(0.13, abs=0.01)
     folder = Path(utils.write_map(tmp_path / "map", {"Easy": [Note(1.0, 0, 0, 0, 1)]}, bpm, song, lead_in_s=lead_in_s))
