@@ -18,6 +18,7 @@ Absent fields default to 0, as the game's deserialiser does (v3 ≥ 3.3.0 and v4
 """
 
 import bz2
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import lzma
 import math
 import os
 import struct
+import tempfile
 import zipfile
 import zlib
 from collections import Counter
@@ -261,6 +263,24 @@ def verify_zip(path, max_unzipped_bytes=None) -> str:
         raise _within(source, error) from None
 
 
+def write_atomic(path, data, prefix=".tmp-", suffix=None):
+    """data (bytes or str) → path, through a temporary file in the same folder (prefix + random + suffix, suffix
+    default "-<name>") renamed over path: readers never see half a file, and a failed write leaves none. The file is
+    readable by everyone (maps, models and lists are for sharing); a folder at path is an OSError."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix or "-" + os.path.basename(path))
+    try:
+        os.chmod(temporary, 0o644)          # mkstemp makes the file private
+        with os.fdopen(handle, "wb") as out:
+            out.write(data.encode() if isinstance(data, str) else data)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 def map_files(path) -> dict[str, bytes]:
     """A map .zip or folder → {name relative to the map: bytes} of every file beside its Info.dat, each at most
     MAX_AUDIO_BYTES, the zip under read_map's limits (names, sizes, CRC). ValueError("<path>: <reason>")."""
@@ -294,7 +314,7 @@ def replace_notes(data: bytes, start_beat, end_beat, notes) -> bytes:
     if "colorNotes" in difficulty or version.startswith("3"):
         difficulty["colorNotes"] = _splice(
             _objects(difficulty, "colorNotes"), lambda n: inside(n.get("b", 0)), lambda n: n.get("b", 0),
-            [{"b": n.beat, "x": n.x, "y": n.y, "c": n.color, "d": n.direction, "a": 0} for n in notes])
+            [v3_note(n) for n in notes])
         for key in ("burstSliders", "sliders"):
             if key in difficulty:
                 difficulty[key] = [a for a in _objects(difficulty, key) if not inside(a.get("b", 0))]
@@ -325,6 +345,72 @@ def _splice(objects, removed, time_of, new):
         at = next((i for i, o in enumerate(kept) if start is not None and type(time_of(o)) in (int, float)
                    and time_of(o) > start), len(kept))
     return kept[:at] + new + kept[at:]
+
+
+def v3_note(note) -> dict:
+    """Note → a v3 colorNotes object (every field; angle offset 0)."""
+    beat, x, y, color, direction = note
+    return {"b": float(beat), "x": int(x), "y": int(y), "c": int(color), "d": int(direction), "a": 0}
+
+
+def difficulty_v3(notes, basic_events, boost_events) -> dict:
+    """notes = [Note, ...] → a v3.3.0 difficulty with every top-level array present and every field of each object
+    written; basic_events, boost_events = v3 light event dicts ({"b", "et", "i", "f"}, {"b", "o"})."""
+    return {
+        "version": "3.3.0",
+        "bpmEvents": [],
+        "rotationEvents": [],
+        "colorNotes": [v3_note(note) for note in sorted(notes)],
+        "bombNotes": [],
+        "obstacles": [],
+        "sliders": [],
+        "burstSliders": [],
+        "waypoints": [],
+        "basicBeatmapEvents": basic_events,
+        "colorBoostBeatmapEvents": boost_events,
+        "lightColorEventBoxGroups": [],
+        "lightRotationEventBoxGroups": [],
+        "lightTranslationEventBoxGroups": [],
+        "vfxEventBoxGroups": [],
+        "_fxEventsCollection": {"_fl": [], "_il": []},
+        "basicEventTypesWithKeywords": {"d": []},
+        "useNormalEventsAsCompatibleEvents": True,
+    }
+
+
+def info_v2(bpm, difficulties, song_name, song_author, preview_s, editor) -> dict:
+    """Info.dat 2.0.0 of a map of song.egg and cover.jpg: difficulties = [(name, rank, NJS, start beat offset), ...]
+    of its Standard set (easiest first, files "<name>Standard.dat"); preview_s = (start, duration) of the song
+    preview; editor = (name, version) recorded in _customData._editors (as mapping tools record themselves;
+    BeatSaver asks that AI-made maps be declared) and as the level author. Every field BeatSaver checks is there."""
+    return {
+        "_version": "2.0.0",
+        "_songName": song_name,
+        "_songSubName": "",
+        "_songAuthorName": song_author,
+        "_levelAuthorName": editor[0],
+        "_beatsPerMinute": float(bpm),
+        "_songTimeOffset": 0,
+        "_shuffle": 0,
+        "_shufflePeriod": 0.5,
+        "_previewStartTime": round(preview_s[0], 3),
+        "_previewDuration": round(preview_s[1], 3),
+        "_songFilename": "song.egg",
+        "_coverImageFilename": "cover.jpg",
+        "_environmentName": "DefaultEnvironment",
+        "_allDirectionsEnvironmentName": "GlassDesertEnvironment",
+        "_customData": {"_editors": {"_lastEditedBy": editor[0], editor[0]: {"version": editor[1], "generated": True}}},
+        "_difficultyBeatmapSets": [{
+            "_beatmapCharacteristicName": "Standard",
+            "_difficultyBeatmaps": [{
+                "_difficulty": name,
+                "_difficultyRank": rank,
+                "_beatmapFilename": f"{name}Standard.dat",
+                "_noteJumpMovementSpeed": njs,
+                "_noteJumpStartBeatOffset": offset_beats,
+            } for name, rank, njs, offset_beats in difficulties],
+        }],
+    }
 
 
 def mark_generated(data: bytes, generator, version) -> bytes:
@@ -826,14 +912,19 @@ def _parse_info_v2(info):
     entries = []
     for beatmap_set, beatmap in _listings(info):
         custom = _field(beatmap, "_customData", "object", {})
-        entries.append(_InfoEntry(
-            characteristic=_field(beatmap_set, "_beatmapCharacteristicName", "string", ""),
-            difficulty=_field(beatmap, "_difficulty", "string", ""),
-            filename=_field(beatmap, "_beatmapFilename", "string", ""),
-            njs=float(_field(beatmap, "_noteJumpMovementSpeed", "number")),
-            offset_beats=float(_field(beatmap, "_noteJumpStartBeatOffset", "number")),
-            requirements=_strings(custom, "_requirements")))
+        entries.append(_info_entry(_field(beatmap_set, "_beatmapCharacteristicName", "string", ""), beatmap, custom,
+                                   ("_difficulty", "_beatmapFilename", "_noteJumpMovementSpeed",
+                                    "_noteJumpStartBeatOffset", "_requirements")))
     return head, entries, ""
+
+
+def _info_entry(characteristic, beatmap, custom, keys):
+    """One difficulty listing of an Info.dat → _InfoEntry; keys = the names (v2 or v4) of its difficulty, file name,
+    NJS, start beat offset and (in custom) requirements."""
+    difficulty, filename, njs, offset, requirements = keys
+    return _InfoEntry(characteristic, _field(beatmap, difficulty, "string", ""), _field(beatmap, filename, "string", ""),
+                      float(_field(beatmap, njs, "number")), float(_field(beatmap, offset, "number")),
+                      _strings(custom, requirements))
 
 
 def _parse_info_v4(info):
@@ -848,13 +939,9 @@ def _parse_info_v4(info):
     for _, beatmap in _listings(info):
         custom = _field(beatmap, "customData", "object", {})
         mappers += _strings(_field(beatmap, "beatmapAuthors", "object", {}), "mappers")
-        entries.append(_InfoEntry(
-            characteristic=_field(beatmap, "characteristic", "string", ""),
-            difficulty=_field(beatmap, "difficulty", "string", ""),
-            filename=_field(beatmap, "beatmapDataFilename", "string", ""),
-            njs=float(_field(beatmap, "noteJumpMovementSpeed", "number")),
-            offset_beats=float(_field(beatmap, "noteJumpStartBeatOffset", "number")),
-            requirements=_strings(custom, "requirements")))
+        entries.append(_info_entry(_field(beatmap, "characteristic", "string", ""), beatmap, custom,
+                                   ("difficulty", "beatmapDataFilename", "noteJumpMovementSpeed",
+                                    "noteJumpStartBeatOffset", "requirements")))
     head = dict(
         info_version=version,
         bpm=float(_field(audio, "bpm", "number")),
@@ -941,7 +1028,7 @@ def _parse_v3(data) -> dict:
         _add_note(notes, dropped, beat, x, y, color, direction)
     chain_keys = ("b", "x", "y", "c", "d", "tb", "tx", "ty", "sc", "s")
     for row in _numbers(_objects(data, "burstSliders"), "burstSliders", chain_keys):
-        _add_chain(chains, dropped, *row)
+        _add_chain(chains, dropped, row)
     tempo_events = [(float(beat), float(new_bpm))
                     for beat, new_bpm in _numbers(_objects(data, "bpmEvents"), "bpmEvents", ("b", "m"))]
     return dict(notes=notes, chains=chains, arcs=len(_objects(data, "sliders")),
@@ -968,7 +1055,7 @@ def _parse_v4(data) -> dict:
         else:
             x, y, color, direction = note_data[index]
             tail_x, tail_y, segments, squish = chain_data[chain_index]
-            _add_chain(chains, dropped, beat, x, y, color, direction, tail_beat, tail_x, tail_y, segments, squish)
+            _add_chain(chains, dropped, (beat, x, y, color, direction, tail_beat, tail_x, tail_y, segments, squish))
     return dict(notes=notes, chains=chains, arcs=len(_objects(data, "arcs")),
                 bombs=len(_objects(data, "bombNotes")), obstacles=len(_objects(data, "obstacles")),
                 dropped=dropped, tempo_events=[])
@@ -1014,7 +1101,10 @@ def _add_note(notes, dropped, beat, x, y, color, direction):
         dropped[_note_problem(beat, x, y, color, direction)] += 1
 
 
-def _add_chain(chains, dropped, beat, x, y, color, direction, tail_beat, tail_x, tail_y, segments, squish):
+def _add_chain(chains, dropped, row):
+    """row = (beat, x, y, color, direction, tail beat, tail x, tail y, segments, squish) numbers of a chain → a Chain
+    appended to chains, or a reason counted in dropped."""
+    beat, x, y, color, direction, tail_beat, tail_x, tail_y, segments, squish = row
     # the tail has no direction of its own: 8 (any) lets _note_problem check only its beat and position
     problem = (_note_problem(beat, x, y, color, direction)
                or _note_problem(tail_beat, tail_x, tail_y, color, 8)

@@ -301,15 +301,9 @@ def filter_folder(maps_dir, c, move_rejects=False):
     db.commit()
     db.close()
     decisions = dict(sorted(decisions.items()))
-    write_atomic(maps_dir / "accepted.txt", "".join(f"{p}\n" for p, r in decisions.items() if r is None))
-    write_atomic(maps_dir / "rejected.tsv", "".join(f"{p}\t{r}\n" for p, r in decisions.items() if r))
+    maps.write_atomic(maps_dir / "accepted.txt", "".join(f"{p}\n" for p, r in decisions.items() if r is None))
+    maps.write_atomic(maps_dir / "rejected.tsv", "".join(f"{p}\t{r}\n" for p, r in decisions.items() if r))
     return decisions
-
-
-def write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- zips ----
