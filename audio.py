@@ -113,7 +113,8 @@ class AudioTokenizer:
     frame_rate    frames per second (75.0), read from the model
     n_codebooks   codebooks used at this bandwidth (2 at 1.5 kbps)
     codebook_size values per codebook (1024)
-    identity      stable string naming model, bandwidth and weights, for cache keys
+    silence       (n_codebooks,) int64 codes of silence (what Encodec settles on a few frames into zeros)
+    identity      stable string naming model, bandwidth, weights and device type, for cache keys
     """
 
     def __init__(self, model, bandwidth, name, device):
@@ -126,7 +127,10 @@ class AudioTokenizer:
         self.frame_rate = self.sample_rate / self.hop
         self.n_codebooks = model.quantizer.get_num_quantizers_for_bandwidth(bandwidth)
         self.codebook_size = config.codebook_size
-        self.identity = f"{name}|bandwidth={bandwidth}|weights={_weights_hash(model)}"
+        # codes computed on a GPU may differ from the CPU's (TF32 convolutions), so the device type is part of it
+        self.identity = (f"{name}|bandwidth={bandwidth}|weights={_weights_hash(model)}"
+                         f"|device={torch.device(device).type}")
+        self.silence = self.encode(torch.zeros(1, self.sample_rate))[-1].numpy()
 
     @torch.no_grad()
     def encode(self, audio):
@@ -168,10 +172,19 @@ def create_audio_tokenizer(bandwidth=1.5, model="facebook/encodec_24khz", device
         try:
             encodec, name = EncodecModel.from_pretrained(model), str(model)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
-            raise ValueError(f"{model}: the Encodec model cannot be loaded ({type(e).__name__}: {e})") from None
+            raise load_failure("the Encodec model", model, e, "--audio_model") from None
     if bandwidth not in encodec.config.target_bandwidths:
         raise ValueError(f"{name}: bandwidth {bandwidth} is not one of {encodec.config.target_bandwidths}")
     return AudioTokenizer(encodec, bandwidth, name, device)
+
+
+def load_failure(what, name, error, flag):
+    """ValueError in one line for a model that cannot be loaded from name (a hub id or a folder): the error's first
+    line and, for a hub id, how to point flag at a local folder instead (no internet, no cached copy)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    hint = "" if os.path.isdir(str(name)) else (f"; without internet, pass {flag} a local folder (a copy of the hub's "
+                                                f"{name}, or a model written by save_pretrained)")
+    return ValueError(f"{name}: {what} cannot be loaded ({message}){hint}")
 
 
 def _weights_hash(model):

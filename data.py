@@ -8,7 +8,9 @@ Ticks are 48 per beat, counted from the chunk's first beat; a note type packs (x
 """
 
 import contextlib
+import copy
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -18,11 +20,15 @@ import shutil
 import tempfile
 import time
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from audio import audio_duration_s, create_audio_tokenizer, load_audio
+from maps import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -169,25 +175,24 @@ def sequence_length(n_frames, n_notes):
 METADATA_FILE = "beatgen.json"
 # what infer.py reads from beatgen.json besides the token-space fields: name → type
 METADATA_FIELDS = {"audio_model": str, "bandwidth": float, "sample_rate": int, "frame_rate": float,
-                   "chunk_duration": float, "max_seq_length": int}
+                   "max_seq_length": int}
 
 
-def save_metadata(model_dir, audio_tokenizer, audio_model, chunk_duration, max_seq_length):
-    """Write model_dir/beatgen.json, which infer.py reads to rebuild the token space and the audio tokenizer."""
+def save_metadata(model_dir, audio_tokenizer, audio_model, chunk_duration, max_seq_length, chunk_beats=None):
+    """Write model_dir/beatgen.json, which infer.py reads to rebuild the token space, the audio tokenizer and the
+    chunking (chunk_beats whole beats, or with chunk_beats None as many as fit in chunk_duration seconds)."""
     metadata = {"token_space_version": TOKEN_SPACE_VERSION, "vocab_used": VOCAB_USED, "ppq": PPQ,
                 "audio_model": str(audio_model), "bandwidth": audio_tokenizer.bandwidth,
                 "sample_rate": audio_tokenizer.sample_rate, "frame_rate": audio_tokenizer.frame_rate,
-                "n_codebooks": audio_tokenizer.n_codebooks, "chunk_duration": chunk_duration,
-                "max_seq_length": max_seq_length}
-    os.makedirs(model_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=model_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(metadata, f, indent=2)
-    os.replace(tmp, os.path.join(model_dir, METADATA_FILE))
+                "n_codebooks": audio_tokenizer.n_codebooks, "chunk_beats": chunk_beats,
+                "chunk_duration": None if chunk_beats else chunk_duration, "max_seq_length": max_seq_length}
+    write_atomic(os.path.join(model_dir, METADATA_FILE), json.dumps(metadata, indent=2))
 
 
 def load_metadata(model_dir):
-    """model_dir/beatgen.json → dict; ValueError when it is missing, unreadable, or for another token space."""
+    """model_dir/beatgen.json → dict; ValueError when it is missing, unreadable, or for another token space, or a
+    METADATA_FIELDS field or the chunking (chunk_beats, or when that is null or absent, chunk_duration) is missing
+    or of the wrong type."""
     path = Path(model_dir) / METADATA_FILE
     if not path.is_file():
         raise ValueError(f"{model_dir}: no {METADATA_FILE}; is this a folder written by train.py?")
@@ -199,42 +204,62 @@ def load_metadata(model_dir):
             or metadata.get("ppq") != PPQ or metadata.get("n_codebooks") != N_CODEBOOKS:
         raise ValueError(f"{path}: written for another token space than version {TOKEN_SPACE_VERSION} "
                          f"(PPQ {PPQ}, {N_CODEBOOKS} codebooks)")
-    for key, kind in METADATA_FIELDS.items():
-        value = metadata.get(key)
-        if kind is str:
-            usable = isinstance(value, str) and value != ""
-        else:       # a positive finite number (an integer for int)
-            usable = (type(value) in ((int,) if kind is int else (int, float)) and math.isfinite(value) and value > 0)
-        if not usable:
-            raise ValueError(f"{path}: {key} is {value!r}, expected {'a name' if kind is str else f'a {kind.__name__} > 0'}")
+    # chunk_beats set: chunks of whole beats; else (older models too) chunk_duration seconds
+    fields = {**METADATA_FIELDS, **({"chunk_beats": int} if metadata.get("chunk_beats") is not None
+                                    else {"chunk_duration": float})}
+    for key, kind in fields.items():
+        if not _usable(metadata.get(key), kind):
+            raise ValueError(f"{path}: {key} is {metadata.get(key)!r}, expected "
+                             f"{'a name' if kind is str else f'a {kind.__name__} > 0'}")
     return metadata
+
+
+def _usable(value, kind):
+    """Whether a beatgen.json value is of kind: a non-empty str, or a finite number > 0 (an int for int)."""
+    if kind is str:
+        return isinstance(value, str) and value != ""
+    return type(value) in ((int,) if kind is int else (int, float)) and math.isfinite(value) and value > 0
 
 
 # ---- chunking ----
 
-def beats_per_chunk(bpm, chunk_duration_s):
-    """Whole beats per chunk: as many as fit in chunk_duration_s, at most what the tick range can address."""
-    n_beats = min(math.floor(chunk_duration_s * bpm / 60 + 1e-9), (MAX_TICK + 1) // PPQ)
-    if n_beats < 1:
-        raise ValueError(f"chunk of {chunk_duration_s} s is shorter than one beat at {bpm} BPM")
-    return n_beats
+def beats_per_chunk(bpm, chunk_duration_s=None, chunk_beats=None):
+    """Whole beats per chunk: chunk_beats, or as many as fit in chunk_duration_s seconds; at most what the tick range
+    can address (256)."""
+    if chunk_beats:
+        n_beats = int(chunk_beats)
+    else:
+        n_beats = math.floor(chunk_duration_s * bpm / 60 + 1e-9)
+        if n_beats < 1:
+            raise ValueError(f"chunk of {chunk_duration_s} s is shorter than one beat at {bpm} BPM")
+    return min(n_beats, (MAX_TICK + 1) // PPQ)
 
 
-def chunk_plan(duration_s, bpm, chunk_duration_s, frame_rate):
-    """Split a song into chunks that start and end on whole beats.
+def chunk_plan(duration_s, bpm, chunk_duration_s, frame_rate, chunk_beats=None):
+    """Split a song into chunks that start and end on whole beats, all with the same number of audio frames.
 
     Returns [(start_beat, end_beat, start_frame, end_frame), ...] covering [0, duration_s): chunk k spans beats
-    [k·n, (k+1)·n) with n = beats_per_chunk, and the audio frames [floor(start_s·frame_rate), floor(end_s·frame_rate)).
+    [k·n, (k+1)·n) with n = beats_per_chunk(bpm, chunk_duration_s, chunk_beats), and the audio frames
+    [floor(start_s·frame_rate), that + ceil(n·60/bpm·frame_rate)): neighbours share at most one frame, and the last
+    chunk's frames past the song are silence (chunk_codes).
     """
-    n_beats = beats_per_chunk(bpm, chunk_duration_s)
+    n_beats = beats_per_chunk(bpm, chunk_duration_s, chunk_beats)
+    n_frames = math.ceil(n_beats * 60 / bpm * frame_rate - 1e-9)
     n_chunks = max(1, math.ceil(duration_s * bpm / 60 / n_beats - 1e-9))
     plan = []
     for k in range(n_chunks):
         start_beat, end_beat = k * n_beats, (k + 1) * n_beats
         start_frame = math.floor(start_beat * 60 / bpm * frame_rate + 1e-9)
-        end_frame = math.floor(end_beat * 60 / bpm * frame_rate + 1e-9)
-        plan.append((start_beat, end_beat, start_frame, end_frame))
+        plan.append((start_beat, end_beat, start_frame, start_frame + n_frames))
     return plan
+
+
+def chunk_codes(codes, start_frame, end_frame, silence):
+    """codes = (frames, N_CODEBOOKS) of a whole song → its frames [start_frame, end_frame), the frames past the song
+    filled with silence = (N_CODEBOOKS,) the audio tokenizer's codes of silence (AudioTokenizer.silence)."""
+    part = codes[start_frame:end_frame]
+    missing = end_frame - start_frame - len(part)
+    return np.concatenate([part, np.tile(np.asarray(silence, dtype=part.dtype), (missing, 1))]) if missing > 0 else part
 
 
 def chunk_notes(ticks, types, start_beat, end_beat):
@@ -254,22 +279,29 @@ CACHE_VERSION = 1
 class BeatDataset(torch.utils.data.Dataset):
     """Training sequences, one per chunk of every (map, difficulty) item of a ZippedBeatSaberDataset.
 
-    Items are {"input_ids": [int, ...]}. Audio codes of a whole song are computed once (first encounter) and
-    stored in cache_dir; every later chunk, epoch and difficulty of the same song reads them from there.
+    Items are {"input_ids": [int, ...]}. Chunks are chunk_beats whole beats, or with chunk_beats None as many as fit
+    in chunk_duration seconds (chunk_plan); the last chunk of a song ends in silence. Audio codes of a whole song are
+    computed once (first encounter) and stored in cache_dir; every later chunk, epoch and difficulty of the same song
+    reads them from there.
     A chunk longer than max_seq_length is skipped (counted in self.skipped) rather than truncated, because a cut
     sequence would teach the model to stop early.
     """
 
-    def __init__(self, base, chunk_duration=30.0, max_seq_length=32767, cache_dir=None, audio_tokenizer=None):
+    def __init__(self, base, chunk_duration=30.0, max_seq_length=32767, cache_dir=None, audio_tokenizer=None,
+                 chunk_beats=None):
         # base is a ZippedBeatSaberDataset: base[i] = MapItem(source, bpm, notes, read_audio(), ...)
         self.base = base
         self.chunk_duration = chunk_duration
+        self.chunk_beats = chunk_beats
         self.max_seq_length = max_seq_length
         if audio_tokenizer is None:
-            from audio import create_audio_tokenizer
             audio_tokenizer = create_audio_tokenizer()
+        if audio_tokenizer.n_codebooks != N_CODEBOOKS:
+            raise ValueError(f"the audio tokenizer gives {audio_tokenizer.n_codebooks} codebooks per frame; the token "
+                             f"space holds {N_CODEBOOKS} (Encodec 24 kHz at 1.5 kbps: --bandwidth 1.5)")
         self.audio_tokenizer = audio_tokenizer
         self.cache = CodeCache(cache_dir or default_cache_dir(), audio_tokenizer.identity)
+        self.silence = audio_tokenizer.silence      # (N_CODEBOOKS,) codes of silence: pads the last chunk of a song
         self.skipped = Counter()
         # songs = {source: (audio_sha1, duration_s)}, one entry per zip, shared by its difficulties
         songs = {}
@@ -281,7 +313,8 @@ class BeatDataset(torch.utils.data.Dataset):
             try:
                 if item.source not in songs:
                     songs[item.source] = song_facts(item)
-                plan = chunk_plan(songs[item.source][1], item.bpm, chunk_duration, audio_tokenizer.frame_rate)
+                plan = chunk_plan(songs[item.source][1], item.bpm, chunk_duration, audio_tokenizer.frame_rate,
+                                  chunk_beats)
             except ValueError as e:
                 self.skipped["unusable song"] += 1
                 log.warning("%s %s skipped: %s", item.source, item.difficulty, e)
@@ -308,7 +341,7 @@ class BeatDataset(torch.utils.data.Dataset):
         codes = self.song_codes(i)
         # notes = [(tick relative to start_beat, note_type), ...]
         notes = chunk_notes(*self.notes[i], start_beat, end_beat)
-        return {"input_ids": create_training_sequence(codes[start_frame:end_frame], notes)}
+        return {"input_ids": create_training_sequence(chunk_codes(codes, start_frame, end_frame, self.silence), notes)}
 
     def song_codes(self, i):
         """(frames, N_CODEBOOKS) codes of item i's whole song: from the cache, or encoded and stored on first use."""
@@ -318,7 +351,6 @@ class BeatDataset(torch.utils.data.Dataset):
                 raise RuntimeError(f"{self.sources[i]}: audio codes not in the cache {self.cache.directory}, and this "
                                    "copy of the dataset has no maps or audio model (call encode_songs() before pickling)")
             item = self.base[i]
-            from audio import load_audio
             audio = load_audio(item.read_audio(), self.audio_tokenizer.sample_rate, name=item.source)
             codes = self.audio_tokenizer.encode(torch.from_numpy(audio)[None]).numpy()
             self.cache.put(self.audio_sha1[i], codes)
@@ -338,6 +370,14 @@ class BeatDataset(torch.utils.data.Dataset):
         for i in tqdm(missing, desc="encoding songs", unit="song", disable=not progress or not missing):
             self.song_codes(i)
 
+    def n_songs(self):
+        """Distinct songs (by audio SHA-1) that have chunks."""
+        return len({self.audio_sha1[i] for i, _ in self.chunks})
+
+    def song_sources(self):
+        """The map files (sources) whose chunks are here, sorted."""
+        return sorted({self.sources[i] for i, _ in self.chunks})
+
     def __getstate__(self):
         """A pickled BeatDataset carries neither the audio model (Encodec cannot be pickled) nor the maps: it reads
         codes from its cache, so encode_songs() first. datasets fingerprints the training data by pickling it."""
@@ -355,9 +395,29 @@ def training_stream(dataset, seed):
             yield dataset[int(index)]
 
 
+def held_out_stream(dataset):
+    """BeatDataset → each {"input_ids"} chunk once, in order: one pass for the held-out loss."""
+    for index in range(len(dataset)):
+        yield dataset[index]
+
+
+def split_by_song(dataset, fraction):
+    """BeatDataset → (training, held out): shallow copies of it holding the chunks of different songs. The songs (by
+    their audio's SHA-1, so two maps of one song stay on one side) are ordered by SHA-1 of that hash, and the first
+    round(fraction · songs) — at least one when fraction > 0 and there are two songs or more — are held out:
+    reproducible, whatever the order of the files."""
+    songs = sorted({dataset.audio_sha1[i] for i, _ in dataset.chunks},
+                   key=lambda sha1: hashlib.sha1(sha1.encode()).hexdigest())
+    n_held = min(len(songs) - 1, max(1, round(fraction * len(songs)))) if fraction > 0 and len(songs) > 1 else 0
+    held = set(songs[:n_held])
+    training, held_out = copy.copy(dataset), copy.copy(dataset)
+    training.chunks = [chunk for chunk in dataset.chunks if dataset.audio_sha1[chunk[0]] not in held]
+    held_out.chunks = [chunk for chunk in dataset.chunks if dataset.audio_sha1[chunk[0]] in held]
+    return training, held_out
+
+
 def song_facts(item):
     """(sha1 of the song file's bytes, duration in seconds from its header) for a MapItem."""
-    from audio import audio_duration_s
     audio_bytes = item.read_audio()
     return hashlib.sha1(audio_bytes).hexdigest(), audio_duration_s(audio_bytes, name=item.source)
 
@@ -477,17 +537,11 @@ class CodeCache:
         return None
 
     def _write(self, path, codes):
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, codes=codes, sha1=hashlib.sha1(codes.tobytes()).hexdigest())
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)     # os.replace cannot replace a directory
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, codes=codes, sha1=hashlib.sha1(codes.tobytes()).hexdigest())
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)     # os.replace cannot replace a directory
+        write_atomic(path, buffer.getvalue(), prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
 
     def _remember(self, audio_sha1, codes):
         self.memory[audio_sha1] = codes
@@ -593,3 +647,168 @@ class NoteGrammar:
 
 # NOTE_TYPE_FIELDS[t] = (x, y, color, direction) of note type t: the candidates a play state masks
 NOTE_TYPE_FIELDS = np.array([note_fields(t) for t in range(SIZES["note_type"])])
+
+
+# ---- inference: a song's prompts and constrained generation ----
+
+MAX_NOTES_PER_SECOND = 40       # generation budget per chunk; human Expert+ maps stay under ~20
+
+
+@dataclass
+class Song:
+    """A song ready to map; beat 0 is its first sample."""
+    audio: np.ndarray               # (samples,) float32 at sample_rate
+    sample_rate: int
+    bpm: float
+    codes: np.ndarray               # (frames, N_CODEBOOKS) Encodec codes of the whole song
+    plan: list                      # chunk_plan: [(start_beat, end_beat, start_frame, end_frame), ...]
+
+    @property
+    def duration_s(self):
+        return len(self.audio) / self.sample_rate
+
+    def start_s(self, k):
+        """Time of chunk k's first beat."""
+        return self.plan[k][0] * 60 / self.bpm
+
+
+def encode_song(audio, bpm, audio_tokenizer, chunk_duration=None, chunk_beats=None) -> Song:
+    """audio = (samples,) float32 at the tokenizer's rate, beat 0 at sample 0 → Song (its codes and chunks)."""
+    codes = audio_tokenizer.encode(torch.from_numpy(audio)[None]).numpy()
+    plan = chunk_plan(len(audio) / audio_tokenizer.sample_rate, bpm, chunk_duration, audio_tokenizer.frame_rate,
+                      chunk_beats)
+    return Song(audio, audio_tokenizer.sample_rate, bpm, codes, plan)
+
+
+def chunk_ticks(song, span_s):
+    """{chunk index: (first, last) tick of the chunk inside the song and span_s = (start_s, end_s)} for the chunks
+    holding any such tick."""
+    tick_s = 60 / song.bpm / PPQ
+    ticks = {}
+    for k, (start_beat, end_beat, _, _) in enumerate(song.plan):
+        first = max(0, math.ceil((span_s[0] - song.start_s(k)) / tick_s - 1e-9))
+        end_s = min(song.duration_s, span_s[1])
+        last = min((end_beat - start_beat) * PPQ, math.ceil((end_s - song.start_s(k)) / tick_s - 1e-9)) - 1
+        if first <= last:
+            ticks[k] = (first, last)
+    return ticks
+
+
+def generation_budget(song, prompt_length, max_seq_length):
+    """New tokens a row may generate: 2 per note at MAX_NOTES_PER_SECOND over a chunk + EOS, within max_seq_length;
+    ValueError when a chunk's audio alone leaves no room (a very slow tempo)."""
+    beats = song.plan[0][1] - song.plan[0][0]
+    chunk_s = beats * 60 / song.bpm
+    budget = min(2 * math.ceil(MAX_NOTES_PER_SECOND * chunk_s) + 1, max_seq_length - prompt_length)
+    if budget < 2 * CLOSING_TOKENS:
+        raise ValueError(f"at {song.bpm:g} BPM a chunk of {beats} beats lasts {chunk_s:.0f} s, more audio than the "
+                         f"model's {max_seq_length} tokens hold; pass --bpm with twice the tempo")
+    return budget
+
+
+def chunk_note_beats(song, k, chunk, first_tick=0):
+    """chunk = [(tick, note type), ...] generated for chunk k → [(beat, x, y, color, direction), ...] in the song's
+    beats, leaving out ticks before first_tick (an unconstrained row may start before a regenerated range)."""
+    return [(song.plan[k][0] + tick / PPQ, *note_fields(type_)) for tick, type_ in chunk if tick >= first_tick]
+
+
+@dataclass
+class Sampling:
+    """How the next token is drawn among those the grammar allows."""
+    temperature: float = 0.8        # 0: greedy
+    top_p: float = 1.0              # nucleus sampling; 1.0: off
+    min_p: float = 0.0              # min-p sampling; 0: off
+    progress: bool = True           # a progress bar per generate call
+
+
+class Progress:
+    """LogitsProcessor that only advances a progress bar by one generated token per step."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids, scores):
+        self.bar.update(1)
+        return scores
+
+
+def generate_notes(model, prompts, max_ticks, max_new_tokens, sampling=Sampling(), states=None,
+                   disable_compile=False):
+    """One `generate` call of a causal LM over prompts = [[prompt ids], ...] → [[(tick, note type), ...], ...] per row.
+
+    max_ticks = [last tick allowed per row]; states: one utils.PlayState per row (the playability constraint), or
+    None for the token grammar alone. Prompts of different lengths are left-padded with PAD (a song's are all alike).
+    The sampling warpers run after NoteGrammar, so they only ever choose among allowed tokens.
+    """
+    # imported here: train.py imports this module before Unsloth, which must patch transformers first
+    from transformers import LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopPLogitsWarper
+    prompt_length = max(len(p) for p in prompts)
+    # input_ids, attention_mask = (rows, prompt_length), left-padded
+    input_ids = torch.full((len(prompts), prompt_length), PAD, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, prompt_length - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, prompt_length - len(prompt):] = 1
+    processors = [NoteGrammar(prompt_length, max_ticks, states, max_new_tokens)]
+    sample = sampling.temperature > 0
+    if sample:
+        processors.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_p < 1.0:
+            processors.append(TopPLogitsWarper(sampling.top_p))
+        if sampling.min_p > 0.0:
+            processors.append(MinPLogitsWarper(sampling.min_p))
+    bar = tqdm(total=max_new_tokens, desc=f"generating {len(prompts)} chunks", unit="tok", disable=not sampling.progress)
+    processors.append(Progress(bar))
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+            logits_processor=LogitsProcessorList(processors), do_sample=sample, temperature=1.0, top_p=1.0,
+            top_k=None, max_new_tokens=max_new_tokens, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=BOS,
+            cache_implementation="static", disable_compile=disable_compile)
+    bar.close()
+    chunks = []
+    for row in output[:, prompt_length:].tolist():
+        # a row that ran out of budget ends with a tick and no type: drop that tick
+        end = row.index(EOS) if EOS in row else len(row) - len(row) % 2
+        chunks.append(decode_note_tokens(row[:end]))
+    return chunks
+
+
+KV_BYTES_HEADROOM = 0.8         # share of the free GPU memory the static KV caches of one generate call may use
+
+
+def chunks_per_call(model_config, tokens_per_chunk, free_bytes, dtype_bytes):
+    """How many chunks one generate call can hold: the static KV cache of one chunk is 2 (keys, values) ×
+    layers × KV heads × head size × dtype_bytes × tokens_per_chunk (prompt + generation budget), and all chunks'
+    caches must fit in KV_BYTES_HEADROOM of free_bytes. Qwen3-0.6B in bf16, a 30 s chunk: 114,688 bytes a token,
+    ≈ 0.8 GB a chunk. At least 1."""
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    cache_bytes = (2 * model_config.num_hidden_layers * model_config.num_key_value_heads * head_dim * dtype_bytes
+                   * tokens_per_chunk)
+    return max(1, int(KV_BYTES_HEADROOM * free_bytes // cache_bytes))
+
+
+def generate_rows(model, prompts, max_ticks, max_new_tokens, sampling, batch_size=0, states=None,
+                  compile_problem=None):
+    """generate_notes over all rows (prompts of one length), batch_size rows a call (0: all on a CPU, what the free
+    memory holds on a GPU: chunks_per_call) → [[(tick, type), ...], ...] one per row. On CUDA the decode step is
+    compiled unless compile_problem (utils.compile_problem's answer) says why it cannot be."""
+    if batch_size <= 0 and model.device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(model.device)
+        batch_size = chunks_per_call(model.config, len(prompts[0]) + max_new_tokens, free_bytes, model.dtype.itemsize)
+    disable_compile = model.device.type == "cuda" and compile_problem is not None
+    if disable_compile:
+        print(f"torch.compile needs {compile_problem}: generating without it (slower; see README, GPU set-up)")
+    step = batch_size if batch_size > 0 else len(prompts)
+    chunks, start_s = [], time.perf_counter()
+    for first in range(0, len(prompts), step):
+        rows = slice(first, first + step)
+        chunks += generate_notes(model, prompts[rows], max_ticks[rows], max_new_tokens, sampling,
+                                 states[rows] if states else None, disable_compile)
+    if sampling.progress:
+        elapsed_s = time.perf_counter() - start_s
+        tokens = sum(2 * len(chunk) + 1 for chunk in chunks)        # 2 per note + each row's EOS
+        print(f"generated {len(chunks)} chunks: {tokens} tokens in {elapsed_s:.1f} s ({tokens / elapsed_s:.0f} tokens/s)")
+    if states and sum(state.dead_ends for state in states):
+        print(f"warning: the play constraint was cornered {sum(state.dead_ends for state in states)} times")
+    return chunks

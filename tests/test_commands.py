@@ -73,6 +73,7 @@ def trained(workspace):
     return workspace / "runs" / "first"
 
 
+@pytest.mark.slow
 def test_train_writes_a_model_infer_can_load(trained):
     for name in ("config.json", "model.safetensors", "beatgen.json", "tokenizer_config.json",
                  "checkpoint-2", "checkpoint-4"):
@@ -81,6 +82,7 @@ def test_train_writes_a_model_infer_can_load(trained):
     assert trainer_state(trained / "checkpoint-4")["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_train_resume_continues_from_the_checkpoint(trained, workspace):
     result = run(train_command("runs/first", "--max_steps", "6", "--save_steps", "2", "--resume"), cwd=workspace)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,6 +99,64 @@ def test_train_errors_are_one_line(workspace):
     assert "empty_dir_that_does_not_exist" in result.stderr
 
 
+@pytest.mark.slow
+def test_train_holds_out_whole_songs_and_keeps_the_best_checkpoint(workspace, tmp_path):
+    """`python train.py … --eval_fraction 0.4 --load_best`: whole songs held out (two maps of one song stay on one
+    side), listed in heldout.txt, their loss logged at every evaluation, the lowest-loss checkpoint named and kept,
+    and after training a few held-out songs mapped and scored (infer.evaluate) into the output folder."""
+    maps = click_maps(tmp_path / "maps", 5, seed=3)
+    shutil.copy(maps / "song0.zip", maps / "song0_again.zip")        # another map of the same song (same audio)
+    result = run([ROOT / "train.py", tmp_path / "maps", "--output_dir", "runs/held", "--model", "qwen",
+                  "--audio_model", "encodec", "--chunk_duration", "4", "--cache_dir", "cache", "--learning_rate",
+                  "1e-3", "--gradient_accumulation_steps", "2", "--max_steps", "4", "--save_steps", "2",
+                  "--eval_fraction", "0.4", "--eval_steps", "2", "--load_best", "--eval_songs", "1"], cwd=workspace)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)
+    out = workspace / "runs" / "held"
+    held = (out / "heldout.txt").read_text().split()
+    assert len({hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in held}) == 2       # 2 of 5 songs
+    assert (str(maps / "song0.zip") in held) == (str(maps / "song0_again.zip") in held)
+    assert "held out: 2 songs" in result.stdout and "heldout.txt" in result.stdout
+    losses = re.search(r"held-out loss: step 2 ([\d.]+), step 4 ([\d.]+)", result.stdout)
+    assert losses, result.stdout[-2000:]
+    best_step = 2 if float(losses.group(1)) <= float(losses.group(2)) else 4
+    assert f"lowest held-out loss {min(map(float, losses.groups())):.4f}: runs/held/checkpoint-{best_step}" in \
+        result.stdout and "(loaded as the final model: --load_best)" in result.stdout
+    state = trainer_state(out / "checkpoint-4")
+    assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [2, 4]
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert len(evaluation["songs"]) == 1 and "Expert" in evaluation["summary"]
+
+
+@pytest.mark.slow
+def test_unreachable_hub_is_one_error_line(trained, workspace, tmp_path):
+    """No internet and nothing cached (an empty HF_HOME, offline mode): the default hub models cannot load. Each
+    command says which model, and how to point at a local folder, in one line."""
+    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = run([ROOT / "train.py", "maps", "--output_dir", "runs/hub"], cwd=workspace, env=offline)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: unsloth/Qwen3-0.6B-Base: the base model cannot be loaded") and "--model" in line
+    result = run([ROOT / "infer.py", trained, "song.wav", "--bpm", "120", "--audio_model", "facebook/encodec_24khz",
+                  "--output", tmp_path / "hub.zip"], cwd=workspace, env=offline)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: facebook/encodec_24khz: the Encodec model cannot be loaded")
+    assert "--audio_model" in line and not (tmp_path / "hub.zip").exists()
+
+
+def test_training_on_cuda_needs_a_compiler(monkeypatch, tmp_path):
+    """Triton builds Unsloth's kernels on CUDA; with no C compiler on PATH train.py stops before any work (the
+    check, called as main calls it; no GPU here)."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ValueError, match="C compiler"):
+        train.gpu_ready("cuda")
+    train.gpu_ready("cpu")          # the CPU path compiles nothing
+
+
 SEEN_RECORDER = '''
 import hashlib, os
 import data
@@ -110,6 +170,7 @@ data.audio_masking_collator = _recording
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_train_disjoint_chunks_covering_one_epoch(workspace, tmp_path):
     """README's multi-GPU route (torchrun) with two CPU processes over gloo. A sitecustomize module on PYTHONPATH
     records the sequences each rank's collator receives (the command itself is exactly README's); the first
@@ -141,6 +202,7 @@ def test_two_processes_train_disjoint_chunks_covering_one_epoch(workspace, tmp_p
     assert mapped.returncode == 0 and (workspace / "ddp.zip").exists(), mapped.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_infer_zip_preview_and_dat(trained, workspace):
     model = trained.relative_to(workspace)
     result = run([ROOT / "infer.py", model, "song.wav", "--bpm", "120", "--seed", "0", "--preview"], cwd=workspace)
@@ -161,6 +223,7 @@ def test_infer_zip_preview_and_dat(trained, workspace):
     assert json.loads((workspace / "ExpertPlusStandard.dat").read_text())["version"] == "3.3.0"
 
 
+@pytest.mark.slow
 def test_infer_several_difficulties_into_one_zip(trained, workspace):
     model = trained.relative_to(workspace)
     result = run([ROOT / "infer.py", model, "song.wav", "--bpm", "120", "--seed", "1", "--temperature", "1",
@@ -185,6 +248,7 @@ def test_infer_several_difficulties_into_one_zip(trained, workspace):
         assert f"  {name}: {stats['notes']} notes" in result.stdout
 
 
+@pytest.mark.slow
 def test_infer_reference_prints_score_card_and_utils_score(trained, workspace):
     model = trained.relative_to(workspace)
     human = make_map_zip(workspace / "human.zip", 120.0,
@@ -202,6 +266,7 @@ def test_infer_reference_prints_score_card_and_utils_score(trained, workspace):
     assert missing.returncode != 0 and "no Standard/Easy" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing song", "text as mp3", "no gpu", "output under a file", "output is a folder",
                                   "broken metadata", "nan chunk", "truncated weights", "bad audio model"])
 def test_infer_bad_input_is_one_error_line(trained, workspace, tmp_path, case):
@@ -237,13 +302,27 @@ def test_infer_bad_input_is_one_error_line(trained, workspace, tmp_path, case):
     assert not (tmp_path / "out.zip").exists()
 
 
-def test_gpu_check_runs_on_the_cpu_with_tiny_models(tmp_path):
-    """tests/gpu_check.py, the one-command GPU check, run here the only way it can run: --cpu --tiny."""
-    result = run([ROOT / "tests" / "gpu_check.py", "--cpu", "--tiny", "--workdir", tmp_path / "work",
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["train", "infer"])
+def test_gpu_check_stages_run_on_the_cpu_with_tiny_models(tmp_path, stage):
+    """tests/gpu_check.py, the GPU check in two stages, run here the only way it can run: --cpu --tiny. Each stage
+    ends in one JSON line of figures."""
+    result = run([ROOT / "tests" / "gpu_check.py", "--stage", stage, "--cpu", "--tiny", "--workdir", tmp_path / "work",
                   "--report", tmp_path / "report.json"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["device"] == "cpu" and report["batched_equals_chunk_by_chunk"] is True
-    assert len(report["loss"]) == 2 and report["train_tokens_per_s"] > 0 and report["infer_tokens"] > 0
-    # fp32 master weights take the last (small) step everywhere; bf16 weights round most of it away
-    assert report["last_step_changed_fp32_master"] > 0.9 > report["last_step_changed_pure_bf16"]
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("gpu_check {")
+    report = json.loads(line[len("gpu_check "):])
+    assert report == json.loads((tmp_path / "report.json").read_text()) and report["device"] == "cpu"
+    if stage == "train":
+        assert len(report["loss"]) == 2 and report["tokens_per_s"] > 0 and report["long_sequence_tokens"] > 900
+        assert report["first_step_s"] > 0 and report["step_s"] > 0
+        # fp32 master weights take the last (small) step everywhere; bf16 weights round most of it away
+        assert report["last_step_changed_fp32_master"] > 0.9 > report["last_step_changed_pure_bf16"]
+    else:
+        # a short last chunk, yet one prompt length (no padded rows); finite logits; batched = one by one
+        assert report["last_chunk_audio_s"] < 3.75 and len(report["prompt_lengths"]) == 1
+        assert report["logits_finite"] and report["logit_steps_checked"] > 0
+        assert report["batched_equals_one_by_one_fp32"] is True
+        assert report["uncompiled_ms_per_step"] > report["uncompiled_grammar_ms_per_step"] > 0
+        assert report["infer_py_stages"].startswith("time: decode")

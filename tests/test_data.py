@@ -86,17 +86,34 @@ def test_collator_labels_exactly():
 def test_chunk_plan_whole_beats_and_frames():
     plan = data.chunk_plan(duration_s=95.0, bpm=137.5, chunk_duration_s=30.0, frame_rate=75.0)
     n_beats = math.floor(30 * 137.5 / 60)      # 68
+    n_frames = math.ceil(n_beats * 60 / 137.5 * 75)
     assert [p[0] for p in plan] == [k * n_beats for k in range(len(plan))]
     assert plan[-1][0] * 60 / 137.5 < 95.0 <= plan[-1][1] * 60 / 137.5
     for (start_beat, end_beat, start_frame, end_frame), nxt in zip(plan, plan[1:] + [None]):
         assert start_frame == math.floor(start_beat * 60 / 137.5 * 75)
-        assert end_frame - start_frame in (int(n_beats * 60 / 137.5 * 75), int(n_beats * 60 / 137.5 * 75) + 1)
+        assert end_frame - start_frame == n_frames      # every chunk alike: a batch of prompts needs no padding
         if nxt:
-            assert nxt[2] == end_frame
+            assert nxt[2] in (end_frame, end_frame - 1)     # neighbours share at most one frame
     with pytest.raises(ValueError):
         data.chunk_plan(10.0, 30.0, 1.0, 75.0)      # a 1 s chunk is shorter than a beat at 30 BPM
     # the tick range caps a chunk at 256 beats
-    assert data.beats_per_chunk(1000, 30.0) == 256
+    assert data.beats_per_chunk(1000, 30.0) == 256 and data.beats_per_chunk(120, chunk_beats=300) == 256
+
+
+@pytest.mark.parametrize("bpm", [61.0, 97.3, 128.0, 174.9, 240.0])
+def test_chunk_plan_of_whole_beats_lasts_n_beats_at_any_tempo(bpm):
+    plan = data.chunk_plan(duration_s=200.0, bpm=bpm, chunk_duration_s=None, frame_rate=75.0, chunk_beats=64)
+    assert all(end_beat - start_beat == 64 for start_beat, end_beat, _, _ in plan)
+    # the audio of a chunk is 64 beats long at this tempo: its length tells the model how long a beat is
+    assert all(end - start == math.ceil(64 * 60 / bpm * 75) for _, _, start, end in plan)
+    assert plan[-1][0] * 60 / bpm < 200.0 <= plan[-1][1] * 60 / bpm
+
+
+def test_chunk_codes_pads_the_song_end_with_silence():
+    codes = np.arange(20).reshape(10, 2)
+    silence = np.array([7, 9])
+    assert np.array_equal(data.chunk_codes(codes, 2, 5, silence), codes[2:5])
+    assert np.array_equal(data.chunk_codes(codes, 8, 12, silence), np.r_[codes[8:], [[7, 9], [7, 9]]])
 
 
 @dataclass
@@ -119,6 +136,7 @@ class CountingTokenizer:
     def __init__(self, inner):
         self.inner, self.encode_calls = inner, 0
         self.sample_rate, self.frame_rate, self.identity = inner.sample_rate, inner.frame_rate, inner.identity
+        self.n_codebooks, self.silence = inner.n_codebooks, inner.silence
 
     def encode(self, audio):
         self.encode_calls += 1
@@ -143,7 +161,7 @@ def test_note_lands_in_chunk_whose_frames_cover_it(encodec, tmp_path):
         seq = ds[k]["input_ids"]
         notes = data.decode_note_tokens(seq[seq.index(NOTES_START) + 1:])
         n_frames = (seq.index(AUDIO_END) - 2) // 2
-        assert n_frames == min(end_frame, math.ceil(len(song) / 320)) - start_frame   # the last chunk ends with the song
+        assert n_frames == end_frame - start_frame      # the last chunk too: silence after the song
         for tick, _ in notes:
             beat = start_beat + tick / PPQ
             time_s = beat * 60 / bpm

@@ -23,13 +23,14 @@ def play_chunks(audio, bpm, difficulty, chunk_s, rng, policy, budget=None):
     duration_s = len(audio) / RATE
     onsets_s = utils.audio_onsets(audio, RATE)
     plan = data.chunk_plan(duration_s, bpm, chunk_s, 75.0)
+    song = data.Song(audio, RATE, bpm, None, plan)
     tick_s = 60 / bpm / data.PPQ
-    budget = budget or 2 * math.ceil(infer.MAX_NOTES_PER_SECOND * chunk_s) + 1
+    budget = budget or 2 * math.ceil(data.MAX_NOTES_PER_SECOND * chunk_s) + 1
     notes, dead_ends = [], 0
     for k, (start_beat, end_beat, _, _) in enumerate(plan):
         last_tick = min((end_beat - start_beat) * data.PPQ,
                         math.ceil((duration_s - start_beat * 60 / bpm) / tick_s)) - 1
-        state = infer.play_state(difficulty, plan, k, 0, last_tick, bpm, onsets_s)
+        state = infer.play_state(song, k, (0, last_tick), utils.DIFFICULTIES[difficulty], onsets_s)
         favourite = int(rng.integers(data.SIZES["note_type"]))
         n = 0
         while True:
@@ -77,6 +78,12 @@ def test_fuzzed_choices_never_break_the_rules():
         assert errors == (0, 0, 0, 0) and dead_ends == 0, (trial, difficulty, policy, bpm, stats)
 
 
+def map_song(model, encodec, audio, bpm, difficulties, constrained=True):
+    """infer.generate_map at temperature 1 in 10 s chunks → {difficulty: [Note, ...]}."""
+    options = infer.Options(difficulties, data.Sampling(1.0, progress=False), constrained)
+    return infer.generate_map(model, encodec, data.encode_song(audio, bpm, encodec, 10.0), options)
+
+
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory):
     """An untrained tiny Qwen3: at temperature 1 it proposes nearly anything, the hardest case for the constraint."""
@@ -89,8 +96,7 @@ def test_random_model_maps_are_playable_at_every_difficulty(random_model, encode
     gap_s = (0.23, 0.41, 0.15)[song]
     audio = click_song(32.0, np.arange(0.3, 32.0, gap_s), seed=song)
     torch.manual_seed(seed)
-    maps_notes = infer.generate_map(random_model, encodec, audio, bpm, 10.0, list(utils.DIFFICULTIES),
-                                    temperature=1.0, progress=False)
+    maps_notes = map_song(random_model, encodec, audio, bpm, tuple(utils.DIFFICULTIES))
     for name, notes in maps_notes.items():
         stats, errors = playability(notes, bpm)
         low, high = utils.DIFFICULTIES[name].nps
@@ -102,8 +108,7 @@ def test_unconstrained_random_model_breaks_the_rules(random_model, encodec):
     """The same model without the constraint: the rules above are not met by chance."""
     audio = click_song(32.0, np.arange(0.3, 32.0, 0.23), seed=0)
     torch.manual_seed(0)
-    notes = infer.generate_map(random_model, encodec, audio, 128.0, 10.0, ["ExpertPlus"], temperature=1.0,
-                               constrained=False, progress=False)["ExpertPlus"]
+    notes = map_song(random_model, encodec, audio, 128.0, ("ExpertPlus",), constrained=False)["ExpertPlus"]
     stats, errors = playability(notes, 128.0)
     assert sum(errors) > 0 and not 3.0 <= stats["nps"] <= 8.7, stats
 

@@ -85,13 +85,16 @@ def difficulty_json(zip_path):
 @pytest.mark.parametrize("version", [3, 2])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_regenerated_range_keeps_the_rest_and_stays_playable(mapper, tmp_path, version, seed):
+    import data
+    import infer
     import utils
     from maps import read_map
     notes = playable_notes(30.0)
     base = base_map(tmp_path / "mymap.zip", notes, version)
     torch.manual_seed(seed)
-    result = mapper.map_song(_song(base, tmp_path), str(tmp_path / "out.zip"), ["Expert"], temperature=1.0,
-                             base=str(base), span_s=(10.0, 20.0), progress=False)
+    options = infer.Options(("Expert",), data.Sampling(1.0, progress=False))
+    result = mapper.map_song(_song(base, tmp_path), str(tmp_path / "out.zip"), options, base=str(base),
+                             span_s=(10.0, 20.0))
     before, _ = difficulty_json(base)
     after, info = difficulty_json(result.written)
     key = "colorNotes" if version == 3 else "_notes"

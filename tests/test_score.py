@@ -189,20 +189,56 @@ def fixture_map_folders():
     return sorted({path.parent for path in FIXTURE_MAPS.glob("*/*/*") if path.name.lower() == "info.dat"})
 
 
-@pytest.mark.skipif(not FIXTURE_MAPS.is_dir(), reason="shared fixtures absent")
-def test_fixture_maps_score_one_against_themselves():
+def fixture_difficulties():
+    """(folder, BeatMap, Difficulty) of every readable shared fixture map's difficulties that hold notes."""
     from maps import read_map
-
-    n_scored = 0
     for folder in fixture_map_folders():
         try:
             beatmap = read_map(folder)
         except ValueError:
             continue
         for difficulty in beatmap.difficulties.values():
-            if not difficulty.notes:
-                continue
-            card = score_card(difficulty.notes, difficulty.notes, beatmap.bpm, beatmap.bpm)
-            assert card["onset_20ms"]["f1"] == card["onset_50ms"]["f1"] == 1.0, (folder, difficulty.difficulty)
-            n_scored += 1
+            if difficulty.notes:
+                yield folder, beatmap, difficulty
+
+
+@pytest.mark.skipif(not FIXTURE_MAPS.is_dir(), reason="shared fixtures absent")
+def test_fixture_maps_score_one_against_themselves():
+    n_scored = 0
+    for folder, beatmap, difficulty in fixture_difficulties():
+        card = score_card(difficulty.notes, difficulty.notes, beatmap.bpm, beatmap.bpm)
+        assert card["onset_20ms"]["f1"] == card["onset_50ms"]["f1"] == 1.0, (folder, difficulty.difficulty)
+        n_scored += 1
     assert n_scored > 30
+
+
+@pytest.mark.skipif(not FIXTURE_MAPS.is_dir(), reason="shared fixtures absent")
+def test_one_swing_rule_for_score_card_play_constraint_and_seams():
+    """Every hand of every fixture map, onset by onset: the swing the score card resolves (utils.hand_swings, which
+    parity_errors counts on), the swing a PlayState is left with when the same notes are pushed into it (the play
+    constraint and thinning), and SegmentStart.after_notes on the notes so far (regeneration) agree."""
+    import numpy as np
+
+    import utils
+    index = {tuple(row): k for k, row in enumerate(utils.ALL_NOTES)}
+    compared = 0
+    for folder, beatmap, difficulty in fixture_difficulties():
+        notes = [n for n in difficulty.notes if n.direction <= 8 and 0 <= n.x <= 3 and 0 <= n.y <= 2][:400]
+        onsets_s, groups = utils.note_onsets(notes, beatmap.bpm)
+        if not len(onsets_s):
+            continue
+        state = utils.PlayState(utils.DIFFICULTIES["ExpertPlus"], onsets_s, utils.ALL_NOTES, np.zeros(0))
+        swings = {color: utils.hand_swings([n for n in notes if n.color == color], beatmap.bpm) for color in (0, 1)}
+        seen = {0: 0, 1: 0}         # onsets of each hand so far
+        for tick, group in enumerate(groups):
+            state.at(tick)
+            for note in group:
+                state.push(index[(note.x, note.y, note.color, note.direction)])
+            start = utils.SegmentStart.after_notes([n for g in groups[:tick + 1] for n in g], beatmap.bpm)
+            for color in {note.color for note in group}:
+                time_s, swing, _ = swings[color][seen[color]]
+                seen[color] += 1
+                assert state._resolved(color) == (swing, time_s), (folder.name, difficulty.difficulty, tick)
+                assert (start.hands[color].swing, start.hands[color].swing_s) == (swing, time_s)
+                compared += 1
+    assert compared > 10000

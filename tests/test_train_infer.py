@@ -64,6 +64,7 @@ def trained(tmp_path_factory):
             "maps_dir": maps_dir, "model_dir": str(tmp / "out")}
 
 
+@pytest.mark.slow
 def test_training_sees_full_sequences(trained):
     from audio import create_audio_tokenizer
     from data import BeatDataset
@@ -78,6 +79,7 @@ def test_training_sees_full_sequences(trained):
     assert trained["trainer"].state.global_step == 4
 
 
+@pytest.mark.slow
 def test_output_folder_has_model_tokenizer_metadata(trained):
     out = trained["model_dir"]
     for name in ("config.json", "model.safetensors", "tokenizer_config.json", "beatgen.json"):
@@ -90,6 +92,7 @@ def test_output_folder_has_model_tokenizer_metadata(trained):
     assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (data.EOS, data.PAD)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_checkpoint(trained):
     import train
     args = train_args(trained["tmp"], trained["maps_dir"], trained["args"].model, trained["encodec_dir"],
@@ -133,13 +136,20 @@ def model_and_encodec(trained):
                                                                                  device="cpu")
 
 
-def test_grammar_every_generated_chunk_decodes(model_and_encodec):
+def map_song(model, encodec, audio, temperature=0.8, batch_size=0):
+    """infer.generate_map on audio at BPM in 4 s chunks → {"ExpertPlus": [Note, ...]}."""
     import infer
+    options = infer.Options(sampling=data.Sampling(temperature, progress=False), batch_size=batch_size)
+    return infer.generate_map(model, encodec, data.encode_song(audio, BPM, encodec, 4.0), options)
+
+
+@pytest.mark.slow
+def test_grammar_every_generated_chunk_decodes(model_and_encodec):
     model, encodec = model_and_encodec
     torch.manual_seed(0)
     prompts = [data.prompt_tokens(np.random.randint(0, 1024, (n, 2))) for n in (40, 25, 33)]
     max_ticks = [95, 47, 200]
-    chunks = infer.generate_chunks(model, prompts, max_ticks, max_new_tokens=61, temperature=1.5, progress=False)
+    chunks = data.generate_notes(model, prompts, max_ticks, 61, data.Sampling(1.5, progress=False))
     assert len(chunks) == 3 and sum(len(c) for c in chunks) > 0
     for notes, max_tick in zip(chunks, max_ticks):
         ticks = [tick for tick, _ in notes]
@@ -147,30 +157,30 @@ def test_grammar_every_generated_chunk_decodes(model_and_encodec):
         assert all(data.note_fields(type_)[3] <= 8 for _, type_ in notes)
 
 
+@pytest.mark.slow
 def test_batched_generation_equals_chunk_by_chunk(model_and_encodec):
-    import infer
     model, _ = model_and_encodec
     prompts = [data.prompt_tokens(np.random.default_rng(n).integers(0, 1024, (n, 2))) for n in (30, 18, 24)]
-    batched = infer.generate_chunks(model, prompts, [191] * 3, max_new_tokens=21, temperature=0, progress=False)
-    single = [infer.generate_chunks(model, [p], [191], max_new_tokens=21, temperature=0, progress=False)[0]
-              for p in prompts]
+    greedy = data.Sampling(0, progress=False)
+    batched = data.generate_notes(model, prompts, [191] * 3, 21, greedy)
+    single = [data.generate_notes(model, [p], [191], 21, greedy)[0] for p in prompts]
     assert batched == single
 
 
+@pytest.mark.slow
 def test_generate_map_beats_inside_song(model_and_encodec):
-    import infer
     model, encodec = model_and_encodec
     song = click_song(9.0, np.arange(0.2, 9, 0.4))
     torch.manual_seed(1)
-    notes = infer.generate_map(model, encodec, song, BPM, 4.0, temperature=1.0, progress=False)["ExpertPlus"]
+    notes = map_song(model, encodec, song, temperature=1.0)["ExpertPlus"]
     assert notes == sorted(set(notes))
     assert all(0 <= n.beat * 60 / BPM < 9.0 for n in notes)
     assert all(0 <= n.x <= 3 and 0 <= n.y <= 2 and n.color in (0, 1) and 0 <= n.direction <= 8 for n in notes)
     # shorter than one chunk, and silence: still a valid (maybe empty) list
-    assert isinstance(infer.generate_map(model, encodec, np.zeros(24000, np.float32), BPM, 4.0, progress=False)
-                      ["ExpertPlus"], list)
+    assert isinstance(map_song(model, encodec, np.zeros(24000, np.float32))["ExpertPlus"], list)
 
 
+@pytest.mark.slow
 def test_infer_cli_writes_dat_and_zip(trained, tmp_path):
     import infer
     from maps import read_map
@@ -189,6 +199,7 @@ def test_infer_cli_writes_dat_and_zip(trained, tmp_path):
         [(n["b"], n["x"], n["y"], n["c"], n["d"]) for n in difficulty["colorNotes"]]
 
 
+@pytest.mark.slow
 def test_infer_cli_bad_inputs(trained, tmp_path):
     import infer
     not_audio = tmp_path / "notes.txt"
@@ -201,15 +212,16 @@ def test_infer_cli_bad_inputs(trained, tmp_path):
         infer.main(infer.parse_args([str(tmp_path), str(not_audio), "--bpm", "120"]))
 
 
+@pytest.mark.slow
 def test_generate_map_batch_size_keeps_greedy_result(model_and_encodec):
-    import infer
     model, encodec = model_and_encodec
     song = click_song(9.0, np.arange(0.3, 9, 0.35))
-    whole = infer.generate_map(model, encodec, song, BPM, 4.0, temperature=0, progress=False)
-    in_pairs = infer.generate_map(model, encodec, song, BPM, 4.0, temperature=0, batch_size=2, progress=False)
+    whole = map_song(model, encodec, song, temperature=0)
+    in_pairs = map_song(model, encodec, song, temperature=0, batch_size=2)
     assert whole == in_pairs
 
 
+@pytest.mark.slow
 def test_infer_from_url_without_bpm_with_preview_and_reference(trained, tmp_path, capsys, http_folder):
     """No --bpm: tempo estimated, lead-in added; the song comes over HTTP (yt-dlp); a score card against a map."""
     import infer
@@ -246,7 +258,6 @@ def test_missing_unsloth_says_how_to_install(monkeypatch):
 def test_chunks_per_call_follows_free_gpu_memory():
     """The batch rule with fake free-memory figures: Qwen3-0.6B in bf16, one 30 s chunk = 4,505 prompt tokens plus
     a 2,401-token budget → 114,688 bytes a token, ≈ 0.79 GB a chunk."""
-    import infer
     from transformers import Qwen3Config
 
     from conftest import QWEN3_06B
@@ -254,23 +265,23 @@ def test_chunks_per_call_follows_free_gpu_memory():
     tokens = 4505 + 2401
     per_chunk = 2 * 28 * 8 * 128 * 2 * tokens
     assert 0.75e9 < per_chunk < 0.85e9
-    assert infer.chunks_per_call(config, tokens, 10.5 * 2**30, 2) == int(0.8 * 10.5 * 2**30 // per_chunk) == 11
-    assert infer.chunks_per_call(config, tokens, 2 * 2**30, 2) == 2
-    assert infer.chunks_per_call(config, tokens, 0.1 * 2**30, 2) == 1          # never 0
-    assert infer.chunks_per_call(config, tokens, 10.5 * 2**30, 4) == 5         # float32 caches are twice as big
+    assert data.chunks_per_call(config, tokens, 10.5 * 2**30, 2) == int(0.8 * 10.5 * 2**30 // per_chunk) == 11
+    assert data.chunks_per_call(config, tokens, 2 * 2**30, 2) == 2
+    assert data.chunks_per_call(config, tokens, 0.1 * 2**30, 2) == 1          # never 0
+    assert data.chunks_per_call(config, tokens, 10.5 * 2**30, 4) == 5         # float32 caches are twice as big
     # a 10-minute song is 20 chunks: on a 12 GB card with the model loaded (~10.5 GB free) two calls, not one
-    assert math.ceil(20 / infer.chunks_per_call(config, tokens, 10.5 * 2**30, 2)) == 2
+    assert math.ceil(20 / data.chunks_per_call(config, tokens, 10.5 * 2**30, 2)) == 2
 
 
 def test_device_and_compiler_checks(monkeypatch, tmp_path):
-    import infer
-    assert infer.pick_device("cpu") == torch.device("cpu") and infer.model_dtype(torch.device("cpu")) == torch.float32
+    import utils
+    assert utils.pick_device("cpu") == torch.device("cpu") and utils.model_dtype(torch.device("cpu")) == torch.float32
     for bad in ("cuda:7", "tpu", "gpu!"):
         with pytest.raises(ValueError, match="--device"):
-            infer.pick_device(bad)
+            utils.pick_device(bad)
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))                 # no gcc or clang on PATH
-    assert "C compiler" in infer.compile_problem()
+    assert "C compiler" in utils.compile_problem()
     (tmp_path / "gcc").write_text("#!/bin/sh\n")
     (tmp_path / "gcc").chmod(0o755)
-    assert infer.compile_problem() is None or "Python headers" in infer.compile_problem()
+    assert utils.compile_problem() is None or "Python headers" in utils.compile_problem()

@@ -134,8 +134,8 @@ def test_dat_only_and_given_names_and_cover(tmp_path):
     assert difficulty["version"] == "3.3.0" and all(key in difficulty for key in V3_ARRAYS)
     assert len(difficulty["colorNotes"]) == 6
     Image.new("RGB", (300, 200), "green").save(tmp_path / "cover.png")
-    folder = Path(utils.write_map(tmp_path / "map", {"Hard": some_notes(6)}, BPM, song, song_name="Name", song_author="By",
-                                  cover_path=tmp_path / "cover.png"))
+    folder = Path(utils.write_map(tmp_path / "map", {"Hard": some_notes(6)}, BPM, song,
+                                  about={"name": "Name", "author": "By", "cover": tmp_path / "cover.png"}))
     with Image.open(folder / "cover.jpg") as cover:
         assert cover.size == (utils.COVER_PX, utils.COVER_PX)
         assert cover.getpixel((10, 10))[1] > 100

@@ -2,7 +2,6 @@
 Playwright with the system browser (no browser download). Skips where Chromium, Gradio or Playwright is absent;
 .ci/run installs them. The screenshot README shows is taken here (BEATGEN_SCREENSHOT=path keeps a copy)."""
 
-import json
 import os
 import shutil
 import socket
@@ -10,13 +9,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 
-from conftest import ROOT, click_song, make_map_zip, ogg_bytes, tiny_encodec_model, tiny_qwen
+from conftest import ROOT, click_song, tiny_encodec_model, tiny_qwen
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
