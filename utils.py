@@ -393,11 +393,13 @@ def score_card(generated, reference, bpm_generated, bpm_reference):
     return card
 
 
+def _number(value, digits=2, sign=""):
+    """A table cell: value with digits decimals (sign "+": always signed), "-" for None."""
+    return "-" if value is None else f"{value:{sign}.{digits}f}"
+
+
 def format_score_card(card):
     """score_card's dict → a printable multi-line table."""
-    def number(value, digits=3):
-        return "-" if value is None else f"{value:.{digits}f}"
-
     generated, reference = card["generated"], card["reference"]
     lines = [f"{'':28s}{'generated':>12s}{'human':>12s}",
              f"{'notes':28s}{generated['notes']:>12d}{reference['notes']:>12d}",
@@ -415,10 +417,10 @@ def format_score_card(card):
                      f"{scores['f1']:>10.3f}{scores['baseline_f1']:>13.3f}{scores['skill']:>+10.3f}")
     lines += [f"baseline: as many onsets on the human BPM's 1/{division}-beat grid, no audio" if division else
               "baseline: none (no generated notes)",
-              f"NPS curve Pearson r ({NPS_BIN_S:g} s bins): {number(card['nps_curve_pearson'])}",
+              f"NPS curve Pearson r ({NPS_BIN_S:g} s bins): {_number(card['nps_curve_pearson'], 3)}",
               f"on {card['matched_onsets']} onsets matched at ±{NOTE_TYPE_WINDOW_S * 1000:g} ms: colour "
-              f"{number(card['color_accuracy'])}, position {number(card['position_accuracy'])}, direction "
-              f"{number(card['direction_accuracy'])}",
+              f"{_number(card['color_accuracy'], 3)}, position {_number(card['position_accuracy'], 3)}, direction "
+              f"{_number(card['direction_accuracy'], 3)}",
               f"KL(human || generated), add-one smoothed, nats: direction {card['direction_kl']:.3f}, "
               f"position {card['position_kl']:.3f}"]
     return "\n".join(lines)
@@ -478,20 +480,17 @@ def _dig(card, path):
 
 def format_evaluation(summary, failed=0):
     """evaluation_summary's dict → a printable table, one row per difficulty."""
-    def number(value, digits=2, sign=""):
-        return "-" if value is None else f"{value:{sign}.{digits}f}"
-
     lines = [f"{'difficulty':11s}{'songs':>6s}{'F1 ±20 ms':>16s}{'F1 ±50 ms':>16s}{'skill 20/50':>13s}{'NPS ×':>7s}"
              f"{'NPS r':>7s}{'colour/pos/dir':>16s}   errors per 100 notes: generated | human "
              f"(parity red, blue, vision, doubles)"]
     for name, row in summary.items():
         errors = "  |  ".join(" ".join(f"{row[f'{side}_errors_per_100'][e]:.1f}" for e in PLAY_ERRORS)
                               for side in ("generated", "reference"))
-        lines.append(f"{name:11s}{row['songs']:>6d}{number(row['f1_20ms']):>9s} ({number(row['f1_20ms_median'])})"
-                     f"{number(row['f1_50ms']):>9s} ({number(row['f1_50ms_median'])})"
-                     f"{number(row['skill_20ms'], sign='+'):>7s}/{number(row['skill_50ms'], sign='+'):<5s}"
-                     f"{number(row['nps_ratio']):>7s}{number(row['nps_curve_r']):>7s}"
-                     f"{number(row['colour']):>6s}/{number(row['position'])}/{number(row['direction'])}   {errors}")
+        lines.append(f"{name:11s}{row['songs']:>6d}{_number(row['f1_20ms']):>9s} ({_number(row['f1_20ms_median'])})"
+                     f"{_number(row['f1_50ms']):>9s} ({_number(row['f1_50ms_median'])})"
+                     f"{_number(row['skill_20ms'], sign='+'):>7s}/{_number(row['skill_50ms'], sign='+'):<5s}"
+                     f"{_number(row['nps_ratio']):>7s}{_number(row['nps_curve_r']):>7s}"
+                     f"{_number(row['colour']):>6s}/{_number(row['position'])}/{_number(row['direction'])}   {errors}")
     lines.append("F1: mean (median); skill: F1 minus the audio-blind baseline's; NPS ×: generated / human notes per "
                  "second" + (f"; {failed} songs could not be evaluated" if failed else ""))
     return "\n".join(lines)
@@ -1062,7 +1061,6 @@ LOW_BAND_HZ, LOW_BAND_WEIGHT = 150, 0.35   # the bass band's salience counts thi
 TEMPO_SURE_MARGIN = 0.25         # log-score gap below which another metrical level is reported as a candidate
 TEMPO_SEARCH, TEMPO_STEPS = 0.015, 601     # the periodicity fit searches ±1.5 % of the level in 0.005 % steps
 PHASE_WEAK_RATIO = 0.6           # half-beat shift collecting this share of the best grid's strength: a weak choice
-ENTRY_DB = -40.0                 # the music enters at the first frame within this of its loud frames (95th pct RMS)
 DRIFT_LIMIT = 0.01               # the song's thirds differing by more than 1 % in tempo: it drifts (steady real songs
                                  # measured ≤ 0.5 %, a synthetic 2 % drift 1.3 %)
 
@@ -1179,7 +1177,7 @@ def _harmonic_salience(envelope, frame_rate, candidates):
 def _beat_phase(audio, sample_rate, sharp, sharp_s, onsets_s, period_s):
     """The grid offset in [0, period_s) whose beats collect the most of sharp = (frames,) onset strength at times
     sharp_s, or its half-beat shift when that collects almost as much and the music's first onset (after its entry,
-    the first frame within ENTRY_DB of its loud frames) lies on the shifted grid (estimate_beat, step 3)."""
+    its first frame not QUIET_DB below its loud frames) lies on the shifted grid (estimate_beat, step 3)."""
     offsets_s = np.arange(0, period_s, 0.001)
     comb = np.interp(offsets_s[:, None] + np.arange(0, sharp_s[-1], period_s), sharp_s, sharp).mean(axis=1)
     best = int(np.argmax(comb))
@@ -1188,7 +1186,7 @@ def _beat_phase(audio, sample_rate, sharp, sharp_s, onsets_s, period_s):
     apart = (offsets_s - first_beat_s) / period_s % 1
     off_beat = comb[np.abs(apart - 0.5) < 0.125].max()
     rms = librosa.feature.rms(y=audio, hop_length=round(ONSET_HOP_S * sample_rate))[0]
-    entry_s = np.argmax(rms > np.percentile(rms, 95) * 10 ** (ENTRY_DB / 20)) * ONSET_HOP_S
+    entry_s = np.argmax(rms > np.percentile(rms, 95) * 10 ** (QUIET_DB / 20)) * ONSET_HOP_S
     entering = onsets_s[onsets_s >= entry_s - 0.05]
     if comb[best] > 0 and off_beat > PHASE_WEAK_RATIO * comb[best] and len(entering) \
             and abs((entering[0] - first_beat_s) / period_s % 1 - 0.5) < 0.125:

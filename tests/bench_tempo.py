@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
@@ -83,9 +84,11 @@ def main(argv=None):
     songs = fof_songs() + rendered_songs(args.cache)
     print("| set | song | tempo map | estimate | error class | phase error | sure (candidates) |")
     print("|---|---|--:|--:|---|--:|---|")
-    passed = 0
+    passed, seconds = 0, []         # seconds = [(estimate_beat's wall time s, song length s), ...]
     for source, name, audio, bpm, first_beat_s in songs:
+        start = time.perf_counter()
         estimate = utils.estimate_beat(audio, RATE)
+        seconds.append((time.perf_counter() - start, len(audio) / RATE))
         ratio = estimate.bpm / bpm
         error_class = next((label for label, r in (("×1", 1), ("×2", 2), ("×½", 0.5), ("×3/2", 1.5), ("×2/3", 2 / 3))
                             if abs(ratio / r - 1) < 0.01), "other")
@@ -97,6 +100,9 @@ def main(argv=None):
         print(f"| {source} | {name} | {bpm:g} | {estimate.bpm:.2f} | {error_class} | "
               f"{f'{phase_ms:+.1f} ms' if error_class == '×1' else '-'} | {sure} |")
     print(f"\n{passed} of {len(songs)} songs: tempo within 1 % and first beat within 20 ms")
+    per_minute = [60 * taken_s / length_s for taken_s, length_s in seconds]
+    print(f"estimate_beat: {sum(t for t, _ in seconds):.1f} s for {sum(n for _, n in seconds) / 60:.1f} min of audio; "
+          f"{np.median(per_minute):.2f} s per minute of audio (median; {min(per_minute):.2f}–{max(per_minute):.2f})")
 
 
 if __name__ == "__main__":
