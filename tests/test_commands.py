@@ -203,6 +203,30 @@ def test_two_processes_train_disjoint_chunks_covering_one_epoch(workspace, tmp_p
 
 
 @pytest.mark.slow
+def test_two_processes_compute_the_same_held_out_loss_as_one(workspace, tmp_path):
+    """The held-out loss under torchrun with two CPU processes: each evaluates a share of the held-out chunks and the
+    trainer combines the losses. At learning rate 0 the model never changes, so both runs evaluate the same weights
+    and must report the same loss as one process does (every held-out chunk counted once)."""
+    click_maps(tmp_path / "maps", 4, seed=5)
+    common = ["--eval_fraction", "0.5", "--eval_steps", "2", "--max_steps", "2", "--save_steps", "2",
+              "--learning_rate", "0", "--eval_songs", "0"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    losses = []
+    for launcher, out in (([], "runs/one"), ([torchrun, "--standalone", "--nproc_per_node", "2"], "runs/two")):
+        command = train_command(out, *common)
+        command[1] = tmp_path / "maps"
+        result = run([*launcher, *command], cwd=workspace)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "held out: 2 songs (6 chunks)" in result.stdout, result.stdout[-2000:]
+        loss = re.search(r"held-out loss: step 2 ([\d.]+)", result.stdout)
+        assert loss, result.stdout[-2000:]
+        losses.append(float(loss.group(1)))
+        assert (workspace / out / "heldout.txt").read_text() == (workspace / "runs" / "one" / "heldout.txt").read_text()
+    print(f"held-out loss, one process {losses[0]}, two processes {losses[1]}")
+    assert losses[0] > 1 and abs(losses[0] - losses[1]) < 1e-3 * losses[0], losses
+
+
+@pytest.mark.slow
 def test_infer_zip_preview_and_dat(trained, workspace):
     model = trained.relative_to(workspace)
     result = run([ROOT / "infer.py", model, "song.wav", "--bpm", "120", "--seed", "0", "--preview"], cwd=workspace)
